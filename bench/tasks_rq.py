@@ -1,0 +1,14 @@
+"""The RQ side of the broker suite: plain functions, enqueued by name on ``BENCH_QUEUE``.
+
+RQ's workers import them as ``tasks_rq.noop`` and ``tasks_rq.sleep``.
+"""
+
+import time
+
+
+def noop():
+    return None
+
+
+def sleep():
+    time.sleep(0.01)

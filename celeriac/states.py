@@ -1,0 +1,20 @@
+"""Task states, as the guide and Celery name them."""
+
+from __future__ import annotations
+
+__all__ = [
+    "EXCEPTION_STATES", "FAILURE", "PENDING", "READY_STATES", "RECEIVED", "REJECTED",
+    "RETRY", "REVOKED", "STARTED", "SUCCESS",
+]
+
+PENDING = "PENDING"
+RECEIVED = "RECEIVED"
+STARTED = "STARTED"
+SUCCESS = "SUCCESS"
+FAILURE = "FAILURE"
+RETRY = "RETRY"
+REVOKED = "REVOKED"
+REJECTED = "REJECTED"
+
+READY_STATES = frozenset({SUCCESS, FAILURE, REVOKED})
+EXCEPTION_STATES = frozenset({RETRY, FAILURE, REVOKED})

@@ -1,0 +1,793 @@
+"""``amqp://`` and ``amqps://``: RabbitMQ, through aiormq on one I/O thread per process.
+
+Queues are durable with ``x-max-priority``, messages persistent, and publishing waits for the
+broker's confirm. What the contract calls a *lease* is RabbitMQ's unacked delivery: it stays
+ours while our connection lives, and the broker hands it back when the connection dies (so
+``renew`` only counts). Delivery tags carry the channel's identity, so a tag from before a
+reconnect settles nothing; but when the broker redelivers such a message to this handle
+(its AMQP ``message_id`` tells), the old tag takes it up again instead of it being handed
+out twice, and one acked in between is acked on arrival.
+
+How the contract maps onto the broker:
+
+* ``fetch`` with a timeout consumes (``basic.consume``) into a local buffer, with a prefetch
+  of what the handle holds plus ``limit`` (a worker: its prefetch count plus the ETA tasks
+  it holds), changed when that grows or halves; with ``timeout=0`` it takes what
+  that buffer holds after a round trip on the consuming channel (so everything the broker
+  pushed before has arrived) and pulls the rest with ``basic.get``.
+* Delivery counts: RabbitMQ's classic queues only flag a redelivery, so a header of ours
+  counts the deliveries before this one; ``requeue`` publishes a copy with the count raised
+  (confirmed) and then acks the original. A message whose worker *process* keeps dying is
+  seen as delivered twice at most this way; one that kills a pool child is counted exactly.
+* Delayed messages wait in the broker, never unacked in a consumer: a chain of 32 durable
+  queues whose fixed TTLs are 0.1 s * 2**k, linked by topic exchanges that read the delay's
+  bits from the routing key and dead-letter into the next level, the last one into the
+  target queue. A delay is rounded up to 0.1 s, so it is never early, and is late by the
+  hops (a few ms each); every queue holds one TTL, so nothing waits behind a longer delay.
+  Delayed messages are not counted by ``queue_size`` nor removed by ``purge``.
+* Dead letters go to a durable ``<queue>.dead`` queue with the reason in headers;
+  ``dead_letters`` browses it (``basic.get``, then the channel is closed, which puts every
+  message back in order). Without a queue name it looks at the queues this handle has used.
+* Broadcasts: a fanout exchange per channel, an exclusive auto-delete queue per
+  subscription. Replies: an exclusive auto-delete queue per ``reply_to`` (``x-expires``),
+  consumed from ``prepare_replies`` on; replies sent before it are lost. Idle reply queues
+  are deleted after ``reply_linger`` seconds, and at most ``reply_boxes`` are kept.
+
+Options (``broker_transport_options``, or the URL's query): ``heartbeat`` (30 s),
+``connect_timeout`` / ``broker_connection_timeout`` (4 s a try), ``max_retries`` /
+``broker_connection_max_retries`` (100 tries at start-up; a connection lost later is
+retried for ever, in the background), ``retry``, ``operation_timeout`` (30 s: how long a
+call waits for a lost connection to come back), ``max_priority`` (10) and ``name_prefix``,
+which prefixes every queue and exchange name so that apps, or tests, can share a vhost.
+
+RabbitMQ closes a channel that holds a delivery unacked past its ``consumer_timeout``
+(30 min by default): workers hold ETA tasks only within ``broker_eta_horizon``, but an
+``acks_late`` task running longer than that needs the broker's setting raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..exceptions import TransportError
+from ..protocol import Message
+from . import amqp_io
+from .amqp_io import (
+    H_DEAD_AT,
+    H_DELIVERIES,
+    H_EXPIRES,
+    H_REASON,
+    IOThread,
+    Link,
+    Listener,
+    Settings,
+    properties,
+    read_message,
+)
+from .base import Capabilities, Clock, DeadLetter, Delivery, Subscription, Transport
+
+__all__ = ["AMQPTransport"]
+
+_RECENT_ACKS = 10_000
+_ORPHAN_SECONDS = 300.0
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A delivery on our channel: ``epoch`` names the channel, ``dtag`` is the broker's tag."""
+
+    seq: int
+    wire: str
+    epoch: str
+    dtag: int
+    mid: str | None
+    redelivered: bool
+    delivery: Delivery
+
+
+@dataclass(slots=True)
+class _Orphan:
+    """A delivery held when the connection dropped; its redelivery to us takes up the lease."""
+
+    tag: str
+    consumer: str
+    since: float
+    acked: bool = False
+
+
+@dataclass(eq=False)
+class _Box:
+    listener: Listener
+    items: deque[tuple[float | None, bytes]] = field(default_factory=deque)
+    used: float = field(default_factory=time.monotonic)
+    waiting: int = 0
+
+
+class _State:
+    """What one process's handle holds; rebuilt after a fork (threads do not survive it)."""
+
+    def __init__(self, transport: AMQPTransport) -> None:
+        self.cond = threading.Condition()
+        self.pid = os.getpid()
+        self.token = uuid.uuid4().hex[:6]
+        self.epochs = itertools.count(1)
+        self.epoch = ""
+        self.seq = itertools.count()
+        self.buffer: list[_Pending] = []
+        self.held: dict[str, tuple[str, _Pending]] = {}
+        self.orphans: dict[str, _Orphan] = {}
+        self.orphan_tags: dict[str, str] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.acked: OrderedDict[str, None] = OrderedDict()
+        self.wanted: dict[str, str] = {}
+        self.consumers: dict[str, str] = {}
+        self.prefetch = 0
+        self.known: set[str] = set()
+        self.boxes: dict[str, _Box] = {}
+        self.woken = False
+        self.io = IOThread()
+        self.link = Link(transport.settings, on_ready=lambda: transport._on_ready(self),
+                         on_lost=lambda: transport._on_lost(self))
+        self.setup = asyncio.Lock()
+
+    def pending_for(self, wires: Collection[str]) -> list[_Pending]:
+        return [p for p in self.buffer if p.wire in wires]
+
+    def remember_acked(self, tag: str) -> None:
+        self.acked[tag] = None
+        if len(self.acked) > _RECENT_ACKS:
+            self.acked.popitem(last=False)
+
+
+class _AMQPSubscription(Subscription):
+    """Broadcasts of one channel, through an exclusive auto-delete queue bound to its fanout."""
+
+    def __init__(self, channel: str, state: _State, exchange: str) -> None:
+        super().__init__(channel)
+        self._state = state
+        self.inbox: deque[bytes] = deque()
+        self.listener = Listener("", self._arrived, exchange=exchange)
+
+    def _arrived(self, msg: Any) -> None:
+        with self._state.cond:
+            self.inbox.append(msg.body)
+            self._state.cond.notify_all()
+
+    def get(self, timeout: float) -> list[bytes]:
+        st = self._state
+        if self.closed:
+            return []
+        with st.cond:
+            st.cond.wait_for(lambda: self.inbox or self.closed, timeout)
+            waited = bool(self.inbox)
+        if (waited or timeout <= 0) and st.link.up:
+            st.io.call(st.link.sync())  # what was broadcast before has arrived
+        with st.cond:
+            items = list(self.inbox)
+            self.inbox.clear()
+        return items
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        super().close()
+        st = self._state
+        if st.io.alive and os.getpid() == st.pid:
+            with contextlib.suppress(TransportError):
+                st.io.call(st.link.unlisten(self.listener))
+
+
+class AMQPTransport(Transport):
+    """RabbitMQ: confirmed publishes, manual acks with prefetch, broker-held delays."""
+
+    capabilities = Capabilities(cross_process=True, persistent=True, priorities=True,
+                                delayed_delivery=True, leases=True)
+    reply_linger = 10.0
+    """Seconds an unread reply queue is kept after it was last read."""
+    reply_boxes = 16
+    """Reply queues kept open at most; the least recently read idle ones go first."""
+
+    def __init__(self, url: str, *, clock: Clock, lease_seconds: float = 60.0,
+                 options: dict[str, Any] | None = None) -> None:
+        super().__init__(url, clock=clock, lease_seconds=lease_seconds, options=options)
+        amqp_io.require_aiormq()
+        self.settings = Settings.parse(url, self.options)
+        self._lock = threading.Lock()
+        self._abandoned: list[_State] = []
+        self._state: _State | None = None
+        self._ensure()
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def _ensure(self) -> _State:
+        st = self._state
+        if st is not None and st.pid == os.getpid():
+            return st
+        if st is not None:
+            self.after_fork()
+        with self._lock:
+            if self._state is None:
+                st = _State(self)
+                try:
+                    st.io.call(st.link.open())
+                except BaseException:
+                    st.io.stop()
+                    raise
+                self._state = st
+            return self._state
+
+    def _name(self, queue: str) -> str:
+        return self.settings.name_prefix + queue
+
+    def _call(self, st: _State, coro: Any) -> Any:
+        try:
+            return st.io.call(coro)
+        except TransportError:
+            raise
+        except Exception as exc:
+            raise TransportError(f"AMQP error at {self.settings.masked}: "
+                                 f"{self.settings.scrub(repr(exc))}") from exc
+
+    async def _on_ready(self, st: _State) -> None:
+        """After (re)connecting: consume again (the link restores its listeners itself)."""
+        with st.cond:
+            st.epoch = f"{st.token}{next(st.epochs)}"
+            wanted, st.consumers = dict(st.wanted), {}
+            prefetch, st.prefetch = st.prefetch, 0
+        if wanted:
+            await self._consume(st, wanted, max(prefetch, 1), restoring=True)
+        with st.cond:
+            st.cond.notify_all()
+
+    def _on_lost(self, st: _State) -> None:
+        """The broker takes back every unacked delivery: what we held becomes an orphan."""
+        now = time.monotonic()
+        with st.cond:
+            st.epoch = ""
+            st.buffer.clear()
+            for tag, (consumer, p) in st.held.items():
+                if p.mid is not None:
+                    st.orphans[p.mid] = _Orphan(tag, consumer, now)
+                    st.orphan_tags[tag] = p.mid
+            st.held.clear()
+            for mid in [m for m, o in st.orphans.items() if now - o.since > _ORPHAN_SECONDS]:
+                st.orphan_tags.pop(st.orphans.pop(mid).tag, None)
+            st.consumers.clear()
+            st.cond.notify_all()
+
+    def _reclaim(self, st: _State, p: _Pending) -> bool:
+        """Take up an orphan's lease with its redelivery, under the old tag (holds ``cond``).
+
+        The consumer still has the message from before the drop (reserved, or running), so
+        handing it out again would run it twice; its old tag settles the new delivery.
+        """
+        orphan = st.orphans.pop(p.mid, None) if p.redelivered and p.mid else None
+        if orphan is None:
+            return False
+        st.orphan_tags.pop(orphan.tag, None)
+        p.delivery = dataclasses.replace(p.delivery, tag=orphan.tag)
+        if orphan.acked:  # it finished meanwhile: settle the redelivery at once
+            task = asyncio.get_running_loop().create_task(self._settle(st, [p]))
+            st.tasks.add(task)
+            task.add_done_callback(st.tasks.discard)
+        else:
+            st.held[orphan.tag] = (orphan.consumer, p)
+        return True
+
+    async def _barrier(self, st: _State) -> None:
+        """A round trip on ``cons``: what the broker delivered on it before has arrived."""
+        ch = await st.link.channel("cons")
+        await ch.basic_qos(prefetch_count=st.prefetch)
+
+    # -- producing ----------------------------------------------------------------------------
+    def publish(self, queue: str, message: Message, *, priority: int = 0,
+                delay: float = 0.0) -> None:
+        st = self._ensure()
+        st.known.add(queue)
+        props, wire = properties(message, priority), self._name(queue)
+        if delay > 0:
+            self._call(st, st.link.publish_delayed(wire, message.body, props, delay))
+        else:
+            self._call(st, st.link.publish_to_queue(wire, message.body, props))
+
+    def publish_many(self, items: Sequence[tuple[str, Message, int]]) -> None:
+        if not items:
+            return
+        st = self._ensure()
+        st.known.update(queue for queue, _, _ in items)
+        batch = [(self._name(q), m.body, properties(m, p)) for q, m, p in items]
+        self._call(st, st.link.publish_batch(batch))
+
+    # -- consuming ------------------------------------------------------------------------------
+    def fetch(self, consumer: str, queues: Sequence[str], limit: int,
+              timeout: float) -> list[Delivery]:
+        if limit <= 0 or not queues:
+            return []
+        st = self._ensure()
+        wires = {self._name(q): q for q in dict.fromkeys(queues)}
+        st.known.update(wires.values())
+        with st.cond:
+            if timeout > 0:
+                target, need = wires, len(st.held) + limit
+            else:
+                target = {w: q for w, q in st.wanted.items() if w in wires}
+                need = 0
+            change = target != st.wanted or self._resize(st, need)
+        if change and st.link.up:
+            self._call(st, self._consume(st, target, need))
+        with st.cond:
+            got = self._take(st, consumer, wires, limit)
+        if timeout <= 0:
+            if len(got) < limit:
+                got += self._call(st, self._pull(st, consumer, wires, limit - len(got)))
+                got.sort(key=lambda d: -d.priority)
+            return got
+        if got:
+            return got
+        deadline = time.monotonic() + timeout
+        with st.cond:
+            while not st.woken:
+                got = self._take(st, consumer, wires, limit)
+                left = deadline - time.monotonic()
+                if got or left <= 0:
+                    break
+                st.cond.wait(left)
+            st.woken = False
+        return got
+
+    def _take(self, st: _State, consumer: str, wires: dict[str, str],
+              limit: int) -> list[Delivery]:
+        """Hand out up to ``limit`` buffered deliveries (caller holds ``st.cond``)."""
+        mine = st.pending_for(wires.keys())
+        if not mine:
+            return []
+        mine.sort(key=lambda p: (-p.delivery.priority, p.seq))
+        chosen = mine[:limit]
+        taken = {id(p) for p in chosen}
+        st.buffer = [p for p in st.buffer if id(p) not in taken]
+        for p in chosen:
+            st.held[p.delivery.tag] = (consumer, p)
+        return [p.delivery for p in chosen]
+
+    @staticmethod
+    def _resize(st: _State, need: int) -> bool:
+        """Whether the prefetch should become ``need``: more, or (with slack) far fewer."""
+        return need > st.prefetch or 0 < need <= st.prefetch // 2
+
+    async def _consume(self, st: _State, target: dict[str, str], need: int, *,
+                       restoring: bool = False) -> None:
+        """Consume exactly ``target`` with a prefetch of at least ``need``."""
+        if restoring:  # on_ready: nobody else may use the connection yet
+            await self._consume_now(st, target, need)
+            return
+        await st.link.ready()
+        async with st.setup:
+            await self._consume_now(st, target, need)
+
+    async def _consume_now(self, st: _State, target: dict[str, str], need: int) -> None:
+        ch = await st.link.channel("cons")
+        restart: list[str] = []
+        if self._resize(st, need):
+            st.prefetch = min(max(need, 1), 65535)
+            await ch.basic_qos(prefetch_count=st.prefetch)
+            restart = [w for w in st.consumers if w in target]
+        for wire in [w for w in st.consumers if w not in target]:
+            await self._stop_consuming(st, ch, wire, release=True)
+        for wire in restart:
+            await self._stop_consuming(st, ch, wire, release=False)
+        for wire, queue in target.items():
+            if wire not in st.consumers:
+                await st.link.declare_queue(wire)
+                epoch = st.epoch
+                ctag = f"celeriac.{uuid.uuid4().hex}"
+                st.consumers[wire] = ctag
+                await ch.basic_consume(
+                    wire, lambda m, w=wire, q=queue, e=epoch: self._arrived(st, e, w, q, m),
+                    consumer_tag=ctag)
+        st.wanted = dict(target)
+
+    async def _stop_consuming(self, st: _State, ch: Any, wire: str, *, release: bool) -> None:
+        ctag = st.consumers.pop(wire)
+        await ch.basic_cancel(ctag)
+        if release:
+            with st.cond:
+                back = st.pending_for({wire})
+                st.buffer = [p for p in st.buffer if p.wire != wire]
+            for p in back:  # they were never handed out: back to the queue, in place
+                await ch.basic_nack(p.dtag, requeue=True, wait=False)
+
+    def _pending(self, st: _State, epoch: str, wire: str, queue: str, msg: Any) -> _Pending:
+        props = msg.header.properties
+        message, private = read_message(props, msg.body)
+        before = private.get(H_DELIVERIES)
+        redelivered = bool(msg.delivery.redelivered)
+        count = (before if isinstance(before, int) else 0) + 1 + redelivered
+        dtag = int(msg.delivery.delivery_tag or 0)
+        return _Pending(next(st.seq), wire, epoch, dtag, props.message_id or None, redelivered,
+                        Delivery(f"{epoch}.{dtag}", queue, message, count, props.priority or 0))
+
+    def _arrived(self, st: _State, epoch: str, wire: str, queue: str, msg: Any) -> None:
+        p = self._pending(st, epoch, wire, queue, msg)
+        with st.cond:
+            if epoch != st.epoch or self._reclaim(st, p):
+                return
+            st.buffer.append(p)
+            st.cond.notify_all()
+
+    async def _pull(self, st: _State, consumer: str, wires: dict[str, str],
+                    limit: int) -> list[Delivery]:
+        """``fetch`` with ``timeout=0``: what the buffer holds, then ``basic.get``."""
+        if any(w in st.consumers for w in wires):
+            await self._barrier(st)
+        with st.cond:
+            got = self._take(st, consumer, wires, limit)
+        ch = await st.link.channel("cons")
+        open_ = list(wires.items())
+        while len(got) < limit and open_:
+            for wire, queue in list(open_):
+                await st.link.declare_queue(wire)
+                msg = await ch.basic_get(wire)
+                if not isinstance(msg.delivery, amqp_io.spec.Basic.GetOk):
+                    open_.remove((wire, queue))
+                    continue
+                p = self._pending(st, st.epoch, wire, queue, msg)
+                with st.cond:
+                    if self._reclaim(st, p):
+                        continue
+                    st.held[p.delivery.tag] = (consumer, p)
+                got.append(p.delivery)
+                if len(got) >= limit:
+                    break
+        return got
+
+    def wake(self) -> None:
+        st = self._state
+        if st is not None and st.pid == os.getpid():
+            with st.cond:
+                st.woken = True
+                st.cond.notify_all()
+
+    # -- settling -------------------------------------------------------------------------------
+    def _pick(self, st: _State, tags: Sequence[str], *,
+              acking: bool) -> list[tuple[str, _Pending]]:
+        """Take what ``tags`` name out of ``held`` as (consumer, delivery); unknown tags drop.
+
+        An orphan's tag is settled by its redelivery, if that comes back to us: acked at
+        once, or (requeued) handed out afresh.
+        """
+        with st.cond:
+            picked = [st.held.pop(t) for t in dict.fromkeys(tags) if t in st.held]
+            for tag in tags:
+                mid = st.orphan_tags.get(tag)
+                if mid is not None and acking:
+                    st.orphans[mid].acked = True
+                elif mid is not None:
+                    del st.orphan_tags[tag], st.orphans[mid]
+            if acking:  # a dead_letter() may still come for these (see its docstring)
+                for _, p in picked:
+                    st.remember_acked(p.delivery.tag)
+        return picked
+
+    def ack(self, tags: Sequence[str]) -> None:
+        st = self._state
+        if not tags or st is None or st.pid != os.getpid():
+            return
+        picked = self._pick(st, tags, acking=True)
+        if picked:
+            self._call(st, self._settle(st, [p for _, p in picked]))
+
+    async def _settle(self, st: _State, picked: list[_Pending]) -> None:
+        """Ack deliveries taken out of ``held``/``buffer``.
+
+        Those whose channel is gone come back from the broker: their redelivery to us is
+        acked on arrival (see :meth:`_reclaim`).
+        """
+        ch = st.link.channels.get("cons")
+        live = [] if ch is None or ch.is_closed else [p for p in picked if p.epoch == st.epoch]
+        if len(live) < len(picked):
+            self._settle_later(st, [p for p in picked if all(p is not q for q in live)])
+        tags = sorted(p.dtag for p in live)
+        if not tags or ch is None:
+            return
+        with st.cond:
+            others = [p.dtag for p in st.buffer] + [p.dtag for _, p in st.held.values()]
+        try:  # returns once the frames are written: the broker settles them in order
+            if not others or min(others) > tags[-1]:
+                await ch.basic_ack(tags[-1], multiple=True)
+            else:
+                for dtag in tags[:-1]:
+                    await ch.basic_ack(dtag, wait=False)
+                await ch.basic_ack(tags[-1])
+        except (amqp_io.amqp_errors.AMQPError, RuntimeError):
+            self._settle_later(st, live)
+
+    def _settle_later(self, st: _State, stale: list[_Pending]) -> None:
+        now = time.monotonic()
+        with st.cond:
+            for p in stale:
+                if p.mid is not None:
+                    st.orphans[p.mid] = _Orphan(p.delivery.tag, "", now, acked=True)
+
+    def requeue(self, tags: Sequence[str]) -> None:
+        st = self._state
+        if not tags or st is None or st.pid != os.getpid():
+            return
+        picked = self._pick(st, tags, acking=False)
+        if picked:
+            self._call(st, self._requeue(st, picked))
+
+    async def _requeue(self, st: _State, picked: list[tuple[str, _Pending]]) -> None:
+        try:
+            await asyncio.gather(*(st.link.publish_to_queue(
+                p.wire, p.delivery.message.body,
+                properties(p.delivery.message, p.delivery.priority,
+                           headers={H_DELIVERIES: p.delivery.deliveries})) for _, p in picked))
+        except BaseException:
+            with st.cond:  # still unacked and ours: settle them some other way
+                for consumer, p in picked:
+                    st.held.setdefault(p.delivery.tag, (consumer, p))
+            raise
+        await self._settle(st, [p for _, p in picked])
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Record ``delivery`` in ``<queue>.dead``; a stale or orphaned tag records nothing.
+
+        (The broker has given the message back: whoever gets it next judges it again.)
+        """
+        st = self._ensure()
+        with st.cond:
+            acked = delivery.tag in st.acked
+            picked = self._pick(st, [delivery.tag], acking=False)
+            if not picked and not acked:
+                return
+            st.known.add(delivery.queue)
+        props = properties(delivery.message, delivery.priority, headers={
+            H_REASON: reason, H_DELIVERIES: delivery.deliveries, H_DEAD_AT: self.clock()})
+        self._call(st, self._dead_letter(st, self._name(delivery.queue), props, delivery,
+                                         picked))
+
+    async def _dead_letter(self, st: _State, wire: str, props: Any, delivery: Delivery,
+                           picked: list[tuple[str, _Pending]]) -> None:
+        dead = f"{wire}.dead"
+        try:
+            await st.link.publish_to_queue(dead, delivery.message.body, props,
+                                           priorities=False)
+        except BaseException:
+            with st.cond:  # still unacked and ours
+                for consumer, p in picked:
+                    st.held.setdefault(p.delivery.tag, (consumer, p))
+            raise
+        await self._settle(st, [p for _, p in picked])
+
+    def renew(self, consumer: str) -> int:
+        st = self._state
+        if st is None or st.pid != os.getpid():
+            return 0
+        with st.cond:
+            return (sum(1 for owner, _ in st.held.values() if owner == consumer)
+                    + sum(1 for o in st.orphans.values()
+                          if o.consumer == consumer and not o.acked))
+
+    # -- queues ---------------------------------------------------------------------------------
+    def queue_size(self, queue: str) -> int:
+        st = self._ensure()
+        return int(self._call(st, self._size(st, self._name(queue))))
+
+    async def _size(self, st: _State, wire: str) -> int:
+        ok = await st.link.passive(wire)
+        if wire in st.consumers:
+            await self._barrier(st)
+        with st.cond:
+            return (ok.message_count if ok else 0) + len(st.pending_for({wire}))
+
+    def purge(self, queue: str) -> int:
+        st = self._ensure()
+        return int(self._call(st, self._purge(st, self._name(queue))))
+
+    async def _purge(self, st: _State, wire: str) -> int:
+        if wire in st.consumers:
+            await self._barrier(st)
+        if await st.link.passive(wire) is None:
+            return 0
+        ch = await st.link.channel("ops")
+        ok = await ch.queue_purge(wire)
+        with st.cond:
+            mine = st.pending_for({wire})
+            st.buffer = [p for p in st.buffer if p.wire != wire]
+        await self._settle(st, mine)
+        return int(ok.message_count) + len(mine)
+
+    def dead_letters(self, queue: str | None = None) -> list[DeadLetter]:
+        st = self._ensure()
+        with st.cond:
+            queues = [queue] if queue is not None else sorted(st.known)
+        out: list[DeadLetter] = []
+        for name in queues:
+            out += self._call(st, self._browse(st, name))
+        return out
+
+    async def _browse(self, st: _State, queue: str) -> list[DeadLetter]:
+        await st.link.ready()
+        ch = await st.link.connection.channel(publisher_confirms=False)
+        out = []
+        try:
+            while True:
+                msg = await ch.basic_get(f"{self._name(queue)}.dead")
+                if not isinstance(msg.delivery, amqp_io.spec.Basic.GetOk):
+                    break
+                message, private = read_message(msg.header.properties, msg.body)
+                out.append(DeadLetter(queue, message, str(private.get(H_REASON, "")),
+                                      int(private.get(H_DELIVERIES) or 0),
+                                      float(private.get(H_DEAD_AT) or 0.0)))
+        except amqp_io.amqp_errors.ChannelNotFoundEntity:
+            return []
+        finally:  # closing the channel puts what we got back, in order
+            with contextlib.suppress(Exception):
+                await ch.close()
+        return out
+
+    # -- broadcast --------------------------------------------------------------------------
+    def broadcast(self, channel: str, payload: bytes) -> None:
+        st = self._ensure()
+        props = properties(Message(body=bytes(payload)), 0, persistent=False)
+        self._call(st, self._broadcast(st, self._name(channel), bytes(payload), props))
+
+    async def _broadcast(self, st: _State, exchange: str, payload: bytes, props: Any) -> None:
+        await st.link.publish("", payload, props, exchange=exchange, mandatory=False,
+                              prepare=lambda: st.link.declare_exchange(exchange, "fanout"))
+
+    def subscribe(self, channel: str) -> Subscription:
+        st = self._ensure()
+        sub = _AMQPSubscription(channel, st, self._name(channel))
+        self._call(st, st.link.listen(sub.listener))
+        return sub
+
+    # -- listening and replies (``rpc://`` results use these too) ---------------------------
+    def listen(self, queue: str, on_message: Callable[[Message, float | None], None], *,
+               expires: float | None = None) -> object:
+        """Consume ``queue`` (exclusive to this connection, deleted with it) without acks.
+
+        ``on_message(message, expires_at)`` runs on the I/O thread for each message;
+        ``expires_at`` is the sender's clock reading plus the ttl it gave, or ``None``.
+        Declared and consumed again after a reconnect. Returns a handle for
+        :meth:`unlisten`.
+        """
+        def arrived(msg: Any) -> None:
+            message, private = read_message(msg.header.properties, msg.body)
+            expires_at = private.get(H_EXPIRES)
+            on_message(message, float(expires_at) if expires_at is not None else None)
+
+        st = self._ensure()
+        listener = Listener(self._name(queue), arrived, expires)
+        self._call(st, st.link.listen(listener))
+        return listener
+
+    def unlisten(self, handle: object) -> None:
+        """Stop consuming a :meth:`listen` queue, which deletes it."""
+        st = self._state
+        if isinstance(handle, Listener) and st is not None and st.pid == os.getpid():
+            self._call(st, st.link.unlisten(handle))
+
+    def send(self, queue: str, message: Message, *, ttl: float | None = None,
+             persistent: bool = False) -> None:
+        """Publish to ``queue`` through the default exchange, without declaring it.
+
+        Confirmed; a queue that does not exist drops the message (its reader is gone).
+        With ``ttl`` the broker drops it unread after that long, and readers see it as
+        expired after their clock passes ours plus ``ttl``.
+        """
+        st = self._ensure()
+        self._call(st, self._send_batch(st, [(self._name(queue), message)], ttl, persistent))
+
+    def send_many(self, items: Sequence[tuple[str, Message]], *, ttl: float | None = None,
+                  persistent: bool = False) -> None:
+        if items:
+            st = self._ensure()
+            self._call(st, self._send_batch(st, [(self._name(q), m) for q, m in items], ttl,
+                                            persistent))
+
+    async def _send_batch(self, st: _State, items: list[tuple[str, Message]],
+                          ttl: float | None, persistent: bool) -> None:
+        headers = {H_EXPIRES: self.clock() + ttl} if ttl is not None else None
+        expiration = str(max(0, round(ttl * 1000))) if ttl is not None else None
+        await asyncio.gather(*(st.link.publish(
+            wire, m.body, properties(m, 0, persistent=persistent, headers=headers,
+                                         expiration=expiration), mandatory=False)
+            for wire, m in items))
+
+    def sync(self) -> None:
+        """Return once what the broker had sent to this handle's listeners has arrived."""
+        st = self._ensure()
+        if st.link.up:
+            self._call(st, st.link.sync())
+
+    def prepare_replies(self, reply_to: str) -> None:
+        st = self._ensure()
+        with st.cond:
+            if reply_to in st.boxes:
+                st.boxes[reply_to].used = time.monotonic()
+                return
+            items: deque[tuple[float | None, bytes]] = deque()
+
+            def arrived(message: Message, expires_at: float | None) -> None:
+                with st.cond:
+                    items.append((expires_at, message.body))
+                    st.cond.notify_all()
+
+            idle = self._idle_boxes(st)
+        handle = self.listen(reply_to, arrived, expires=self.reply_linger * 6)
+        assert isinstance(handle, Listener)
+        with st.cond:
+            st.boxes[reply_to] = _Box(handle, items)
+        for old in idle:
+            self._call(st, st.link.unlisten(old.listener))
+
+    def _idle_boxes(self, st: _State) -> list[_Box]:
+        """Reply boxes to close: unread for ``reply_linger``, or beyond ``reply_boxes``."""
+        now = time.monotonic()
+        idle = sorted(((k, b) for k, b in st.boxes.items() if not b.waiting),
+                      key=lambda kb: kb[1].used)
+        excess = len(st.boxes) + 1 - self.reply_boxes
+        gone = [k for i, (k, b) in enumerate(idle)
+                if i < excess or now - b.used > self.reply_linger]
+        return [st.boxes.pop(k) for k in gone]
+
+    def reply(self, reply_to: str, payload: bytes, ttl: float = 300.0) -> None:
+        self.send(reply_to, Message(body=bytes(payload)), ttl=ttl)
+
+    def get_replies(self, reply_to: str, timeout: float) -> list[bytes]:
+        st = self._ensure()
+        if reply_to not in st.boxes:
+            self.prepare_replies(reply_to)
+        box = st.boxes.get(reply_to)
+        if box is None:
+            return []
+        with st.cond:
+            box.waiting += 1
+            try:
+                st.cond.wait_for(lambda: box.items, timeout)
+            finally:
+                box.waiting -= 1
+            waited = bool(box.items)
+        if (waited or timeout <= 0) and st.link.up:
+            self._call(st, st.link.sync())
+        with st.cond:
+            box.used = time.monotonic()
+            now = self.clock()
+            items = [body for expires, body in box.items if expires is None or expires > now]
+            box.items.clear()
+        return items
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def after_fork(self) -> None:
+        """Forget the parent's loop thread and connection (they are not ours); reconnect lazily."""
+        self._lock = threading.Lock()
+        if self._state is not None:
+            self._abandoned.append(self._state)  # never touched again, never collected
+        self._state = None
+
+    def close(self) -> None:
+        st, self._state = self._state, None
+        if st is None or st.pid != os.getpid():
+            return
+        with contextlib.suppress(Exception):
+            st.io.call(st.link.close(), timeout=15)
+        st.io.stop()
+
+    def drop_connection(self) -> None:
+        """Break the connection as a network failure would (for tests); it reconnects."""
+        st = self._ensure()
+        st.io.call(st.link.drop())
+
+    def describe(self) -> dict[str, Any]:
+        return self.settings.describe()

@@ -1,0 +1,462 @@
+"""RabbitMQ: the transport and result-backend contracts, and what only AMQP promises.
+
+Every test works under its own name prefix (the transport's ``name_prefix`` option), so tests
+never share a queue or exchange with each other or with anybody else on the server, and what
+a test declared is deleted after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from celeriac import states
+from celeriac.exceptions import ConfigurationError, TransportError
+from celeriac.protocol import Message
+from celeriac.results import ResultBackend, make_meta, open_backend
+from celeriac.transports import Transport, open_transport
+from celeriac.transports.amqp import AMQPTransport
+from celeriac.transports.amqp_io import DELAY_LEVELS, Settings
+from tests.contract.backend_suite import BackendContract
+from tests.contract.conftest_helpers import FakeClock, eventually
+from tests.contract.transport_suite import LEASE, TransportContract, in_thread, message, numbers
+
+Factory = Callable[..., Any]
+
+# Names the contract suites and these tests use, deleted after each test under its prefix.
+_QUEUES = ("q", "a", "b", "c", "other", "xq", "fq", "empty", "never-used", "box", "elsewhere",
+           "prio", "capped", "requeue", "rpcq")
+_EXCHANGES = ("control", "other", "celeriac.delay.deliver")
+
+
+def _sweep(url: str, prefix: str) -> None:
+    """Delete every queue and exchange under ``prefix`` that the tests may have made."""
+    import aiormq
+
+    queues = [f"{prefix}{q}{suffix}" for q in _QUEUES for suffix in ("", ".dead")]
+    queues += [f"{prefix}celeriac.delay.{level}" for level in range(DELAY_LEVELS)]
+    exchanges = [f"{prefix}{x}" for x in _EXCHANGES]
+    exchanges += [f"{prefix}celeriac.delay.{level}" for level in range(DELAY_LEVELS)]
+
+    async def sweep() -> None:
+        conn = await aiormq.connect(url)
+        try:
+            channel = await conn.channel()
+            for name in queues:
+                await channel.queue_delete(name)
+            for name in exchanges:
+                await channel.exchange_delete(name)
+        finally:
+            await conn.close()
+
+    asyncio.run(sweep())
+
+
+def broker_names(prefix: str) -> list[str]:
+    """Queues and exchanges on the server whose names start with ``prefix``."""
+    names = []
+    for what in ("list_queues", "list_exchanges"):
+        out = subprocess.run(["rabbitmqctl", "-q", what, "name", "--no-table-headers"],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        names += [n for n in out.split() if n.startswith(prefix)]
+    return names
+
+
+@pytest.fixture
+def prefix(amqp_server: str) -> Iterator[str]:
+    name = f"ct-{uuid.uuid4().hex[:10]}."
+    yield name
+    _sweep(amqp_server, name)
+
+
+@pytest.fixture
+def amqp_url(amqp_server: str, prefix: str) -> str:
+    return f"{amqp_server}?name_prefix={prefix}"
+
+
+@pytest.fixture
+def make_transport(amqp_url: str) -> Iterator[Factory]:
+    made: list[Transport] = []
+
+    def make(clock: Callable[[], float], lease_seconds: float = LEASE,
+             **options: Any) -> Transport:
+        transport = open_transport(amqp_url, clock=clock, lease_seconds=lease_seconds,
+                                   options=options)
+        made.append(transport)
+        return transport
+
+    yield make
+    for transport in made:
+        transport.close()
+
+
+class TestAMQPTransport(TransportContract):
+    """The shared contract; the overrides below are where AMQP keeps it differently."""
+
+    # -- leases are the connection, not the clock -----------------------------------------
+    def test_expired_lease_is_redelivered(self, make_transport: Factory,
+                                          clock: FakeClock) -> None:
+        """An unacked delivery returns to the queue when its consumer's connection ends."""
+        first, second = make_transport(clock=clock), make_transport(clock=clock)
+        first.publish("q", message(1))
+        first.fetch("c1", ["q"], 1, 0)
+        clock.advance(LEASE * 10)
+        assert second.fetch("c2", ["q"], 1, 0) == []
+        first.close()
+        [again] = eventually(lambda: second.fetch("c2", ["q"], 1, 0))
+        assert numbers([again]) == [1]
+        assert again.deliveries == 2 and again.redelivered
+        assert second.renew("c1") == 0
+        second.ack([again.tag])
+        assert second.queue_size("q") == 0
+
+    def test_a_stale_tag_never_settles_the_next_delivery(self, make_transport: Factory,
+                                                         clock: FakeClock) -> None:
+        """A tag from before a reconnect settles nothing once another consumer has the message."""
+        first_handle, other = make_transport(clock=clock), make_transport(clock=clock)
+        assert isinstance(first_handle, AMQPTransport)
+        first_handle.publish("q", message(1))
+        [first] = first_handle.fetch("c1", ["q"], 1, 0)
+        assert other.fetch("c2", ["q"], 1, 0.2) == []  # consuming now, with room
+        first_handle.drop_connection()  # the broker gives the message to ``other``
+        [second] = other.fetch("c2", ["q"], 1, 10.0)
+        assert numbers([second]) == [1] and second.deliveries == 2
+        first_handle.requeue([first.tag])
+        assert other.fetch("c3", ["q"], 1, 0) == []
+        first_handle.ack([first.tag])
+        first_handle.dead_letter(first, "late")
+        assert first_handle.dead_letters() == []
+        assert other.renew("c2") == 1
+        other.ack([second.tag])
+        assert other.queue_size("q") == 0
+
+    def test_renew_keeps_the_lease(self, make_transport: Factory, clock: FakeClock) -> None:
+        """Renewing counts what a consumer holds; holding does not run out with time."""
+        transport, other = make_transport(clock=clock), make_transport(clock=clock)
+        transport.publish("q", message(1))
+        transport.publish("q", message(2))
+        assert len(transport.fetch("c1", ["q"], 2, 0)) == 2
+        clock.advance(LEASE * 10)
+        assert transport.renew("c1") == 2
+        assert transport.renew("nobody") == 0
+        assert transport.fetch("c2", ["q"], 5, 0) == []
+        assert other.fetch("c3", ["q"], 5, 0) == []
+
+    # -- delays are the broker's, in real time -----------------------------------------------
+    def test_delayed_message_is_invisible_until_due(self, live: Transport) -> None:
+        started = time.monotonic()
+        live.publish("q", message(1), delay=1.0)
+        live.publish("q", message(2))
+        assert numbers(live.fetch("c1", ["q"], 10, 0)) == [2]
+        assert live.fetch("c1", ["q"], 10, 0.5) == []
+        [due] = live.fetch("c1", ["q"], 10, 5.0)
+        assert numbers([due]) == [1] and due.deliveries == 1
+        assert time.monotonic() - started >= 1.0
+
+    def test_waiting_fetch_sees_a_delayed_message_come_due(self, live: Transport) -> None:
+        live.publish("q", message(1), delay=0.5)
+        thread, out = in_thread(lambda: live.fetch("c1", ["q"], 1, 10.0))
+        thread.join(8.0)
+        assert not thread.is_alive()
+        assert numbers(out[0]) == [1]
+
+    def test_purge_counts_delayed_and_expired(self, live: Transport) -> None:
+        """AMQP: a delayed message is not in its queue until due, so purge leaves it be."""
+        live.publish("q", message(1))
+        live.publish("q", message(2), delay=0.5)
+        assert live.queue_size("q") == 1
+        assert live.purge("q") == 1
+        assert numbers(live.fetch("c1", ["q"], 5, 10.0)) == [2]
+
+    # -- ordering across queues: by priority; equal priorities in no particular order -------
+    def test_priority_across_queues(self, transport: Transport) -> None:
+        transport.publish("a", message(1), priority=1)
+        transport.publish("b", message(2), priority=7)
+        transport.publish("a", message(3), priority=7)
+        got = transport.fetch("c1", ["a", "b"], 2, 0)
+        assert sorted(numbers(got)) == [2, 3] and [d.priority for d in got] == [7, 7]
+        assert numbers(transport.fetch("c1", ["a", "b"], 2, 0)) == [1]
+
+    # -- replies go to a queue that must exist first ----------------------------------------
+    def test_replies_are_taken_once(self, transport: Transport) -> None:
+        transport.prepare_replies("box")
+        transport.prepare_replies("elsewhere")
+        super().test_replies_are_taken_once(transport)
+
+    def test_expired_replies_are_dropped(self, transport: Transport, clock: FakeClock) -> None:
+        transport.prepare_replies("box")
+        super().test_expired_replies_are_dropped(transport, clock)
+
+    def test_get_replies_waits_for_the_first(self, live: Transport) -> None:
+        live.prepare_replies("box")
+        super().test_get_replies_waits_for_the_first(live)
+
+
+class TestRPCBackend(BackendContract):
+    @pytest.fixture
+    def make_backend(self, make_transport: Factory) -> Iterator[Factory]:
+        made: list[ResultBackend] = []
+
+        def make(clock: Callable[[], float], expires: float | None = 3600.0) -> ResultBackend:
+            transport = make_transport(clock=clock)
+            backend = open_backend("rpc://", clock=clock, expires=expires,
+                                   broker=lambda: transport)
+            made.append(backend)
+            return backend
+
+        yield make
+        for backend in made:
+            backend.close()
+
+    def test_results_travel_to_the_callers_queue(self, make_backend: Factory) -> None:
+        client, worker = make_backend(clock=time.time), make_backend(clock=time.time)
+        reply_to = client.reply_to
+        assert reply_to and reply_to == client.reply_to
+        thread, out = in_thread(lambda: client.wait("t1", 10.0))
+        worker.store(make_meta("t1", states.STARTED), reply_to)
+        worker.store(make_meta("t1", states.SUCCESS, result=7), reply_to)
+        thread.join(8.0)
+        assert out and out[0]["result"] == 7
+        worker.store(make_meta("t2", states.SUCCESS, result=8), reply_to)
+        got = eventually(lambda: client.get("t2"))
+        assert got["result"] == 8
+        assert worker.get("t1") is None  # results reach only the caller
+
+    def test_rpc_needs_an_amqp_broker(self) -> None:
+        memory = open_transport("memory://", clock=time.time)
+        with pytest.raises(ConfigurationError, match="amqp://"):
+            assert open_backend("rpc://", clock=time.time, broker=lambda: memory).reply_to
+
+
+# -- what only the AMQP transport promises ---------------------------------------------------
+@pytest.fixture
+def amqp(make_transport: Factory) -> AMQPTransport:
+    transport = make_transport(clock=time.time)
+    assert isinstance(transport, AMQPTransport)
+    return transport
+
+
+def test_a_confirmed_publish_is_in_the_queue(amqp: AMQPTransport, make_transport: Factory
+                                             ) -> None:
+    amqp.publish("q", message(1))
+    amqp.publish_many([("q", message(n), 0) for n in range(2, 50)])
+    reader = make_transport(clock=time.time)
+    assert reader.queue_size("q") == 49
+
+
+def test_a_publish_the_broker_refuses_raises(amqp: AMQPTransport, amqp_server: str,
+                                             prefix: str) -> None:
+    import aiormq
+
+    async def capped() -> None:
+        conn = await aiormq.connect(amqp_server)
+        channel = await conn.channel()
+        await channel.queue_declare(f"{prefix}capped", durable=True, arguments={
+            "x-max-length": 1, "x-overflow": "reject-publish"})
+        await conn.close()
+
+    asyncio.run(capped())
+    amqp.publish("capped", message(1))
+    with pytest.raises(TransportError, match="capped"):
+        amqp.publish("capped", message(2))
+    assert amqp.queue_size("capped") == 1
+
+
+def test_queues_are_declared_with_max_priority(amqp: AMQPTransport, amqp_server: str,
+                                               prefix: str) -> None:
+    import aiormq
+
+    amqp.publish("prio", message(1), priority=3)
+
+    async def redeclare() -> None:  # the same arguments again: no 406 PRECONDITION_FAILED
+        conn = await aiormq.connect(amqp_server)
+        channel = await conn.channel()
+        await channel.queue_declare(f"{prefix}prio", durable=True,
+                                    arguments={"x-max-priority": 10})
+        await conn.close()
+
+    asyncio.run(redeclare())
+    for n, priority in [(2, 9), (3, 0), (4, 5)]:
+        amqp.publish("prio", message(n), priority=priority)
+    assert numbers(amqp.fetch("c1", ["prio"], 10, 0)) == [2, 4, 1, 3]
+
+
+def test_delayed_message_arrives_after_its_delay(amqp: AMQPTransport) -> None:
+    sent = time.monotonic()
+    amqp.publish("q", message(1), delay=1.5)
+    assert amqp.queue_size("q") == 0
+    assert amqp.fetch("c1", ["q"], 5, 1.0) == []
+    [due] = amqp.fetch("c1", ["q"], 5, 5.0)
+    elapsed = time.monotonic() - sent
+    assert numbers([due]) == [1] and due.message == message(1)
+    assert 1.5 <= elapsed < 2.5
+
+
+def test_requeue_and_redelivery_count_deliveries(amqp: AMQPTransport,
+                                                 make_transport: Factory) -> None:
+    amqp.publish("requeue", message(1), priority=4)
+    seen = []
+    for _ in range(3):
+        [got] = amqp.fetch("c1", ["requeue"], 1, 5.0)
+        seen.append(got.deliveries)
+        amqp.requeue([got.tag])
+    assert seen == [1, 2, 3]
+    [got] = amqp.fetch("c1", ["requeue"], 1, 0)
+    assert got.priority == 4 and got.message == message(1)
+    amqp.close()  # the broker hands it back, flagged as redelivered: one more delivery
+    other = make_transport(clock=time.time)
+    [again] = eventually(lambda: other.fetch("c1", ["requeue"], 1, 0))
+    assert again.deliveries == 5 and again.message == message(1)
+    other.ack([again.tag])
+
+
+def test_a_reconnect_keeps_what_the_consumer_holds(amqp: AMQPTransport,
+                                                   make_transport: Factory) -> None:
+    """Redelivered to us after a reconnect, a message we hold keeps its old tag: not run twice."""
+    amqp.publish_many([("q", message(n), 0) for n in range(3)])
+    held = amqp.fetch("c1", ["q"], 3, 5.0)
+    assert len(held) == 3
+    amqp.ack([held[0].tag])
+    amqp.drop_connection()
+    amqp.ack([held[1].tag])  # finished while the connection was down
+    assert amqp.renew("c1") == 1
+    assert amqp.fetch("c1", ["q"], 3, 1.0) == []  # the redeliveries are the held ones
+    amqp.ack([held[2].tag])
+    assert amqp.renew("c1") == 0
+    amqp.close()
+    assert make_transport(clock=time.time).queue_size("q") == 0
+
+def test_dead_letters_keep_reason_count_and_survive_the_handle(
+        amqp: AMQPTransport, make_transport: Factory) -> None:
+    amqp.publish("q", message(1))
+    [got] = amqp.fetch("c1", ["q"], 1, 0)
+    amqp.requeue([got.tag])
+    [got] = amqp.fetch("c1", ["q"], 1, 0)
+    amqp.dead_letter(got, "poison: delivered too often")
+    amqp.close()
+    other = make_transport(clock=time.time)
+    [dead] = other.dead_letters("q")
+    assert dead.reason == "poison: delivered too often" and dead.deliveries == 2
+    assert dead.message == message(1)
+    assert other.dead_letters("q") == [dead]  # reading them does not take them
+    assert other.queue_size("q") == 0
+
+
+def test_reconnect_resumes_consuming_and_loses_nothing(amqp: AMQPTransport) -> None:
+    amqp.publish_many([("q", message(n), 0) for n in range(10)])
+    first = amqp.fetch("c1", ["q"], 4, 5.0)
+    amqp.ack([first[0].tag])
+    amqp.drop_connection()
+    amqp.ack([d.tag for d in first[1:]])  # settled by their redeliveries
+    amqp.publish_many([("q", message(n), 0) for n in range(10, 20)])
+    got: list[int] = numbers(first)
+    deadline = time.monotonic() + 20
+    while len(got) < 20 and time.monotonic() < deadline:
+        batch = amqp.fetch("c1", ["q"], 8, 1.0)
+        got += numbers(batch)
+        amqp.ack([d.tag for d in batch])
+    assert sorted(got) == list(range(20))
+    assert amqp.queue_size("q") == 0 and amqp.renew("c1") == 0
+
+def test_wake_ends_a_waiting_fetch_within_100ms(amqp: AMQPTransport) -> None:
+    amqp.fetch("c1", ["q"], 1, 0.01)  # consuming already, as a worker would be
+    thread, out = in_thread(lambda: amqp.fetch("c1", ["q"], 1, 30.0))
+    time.sleep(0.2)  # let it start waiting; what is measured is the time after wake()
+    woken = time.monotonic()
+    amqp.wake()
+    thread.join(5.0)
+    assert out == [[]] and time.monotonic() - woken < 0.1
+
+
+def test_broker_down_at_start_up_is_a_clear_error(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    started = time.monotonic()
+    with pytest.raises(TransportError) as info:
+        open_transport("amqp://celeriac:s3cr3t-pw@127.0.0.1:1//", clock=time.time,
+                       options={"broker_connection_timeout": 0.5,
+                                "broker_connection_max_retries": 2})
+    text = str(info.value)
+    assert "127.0.0.1:1" in text and "celeriac:**@" in text and "tried 3 time(s)" in text
+    assert "broker_connection_max_retries" in text
+    assert "s3cr3t-pw" not in text and "s3cr3t-pw" not in caplog.text
+    assert caplog.text.count("retrying in") == 2
+    assert time.monotonic() - started < 10
+
+
+def test_describe_never_shows_the_password() -> None:
+    pytest.importorskip("aiormq")
+    settings = Settings.parse("amqps://user:pa55word@rabbit.example:5671/prod",
+                              {"heartbeat": 45})
+    info = settings.describe()
+    assert info == {"transport": "amqp", "hostname": "rabbit.example", "port": 5671,
+                    "userid": "user", "virtual_host": "prod", "ssl": True, "heartbeat": 45,
+                    "connect_timeout": 4.0}
+    assert "pa55word" not in repr(info) and "pa55word" not in repr(settings)
+    assert settings.masked == "amqps://user:**@rabbit.example:5671/prod"
+    assert Settings.parse("amqp://h//", {}).virtual_host == "/"
+    assert Settings.parse("amqp://h/%2Fv", {}).virtual_host == "/v"
+    assert Settings.parse("amqp://", {}).hostname == "localhost"
+
+
+def test_describe_of_a_live_handle(amqp: AMQPTransport, prefix: str) -> None:
+    info = amqp.describe()
+    assert info["hostname"] == "127.0.0.1" and info["virtual_host"] == "/"
+    assert info["name_prefix"] == prefix and info["userid"] == "guest"
+    assert not any("password" in key for key in info)
+
+
+def test_headers_keep_their_types(amqp: AMQPTransport) -> None:
+    sent = Message(body=b"{}", headers={"f": 0.1, "big": 2**40, "neg": -3, "t": True,
+                                        "none": None, "list": [1.5, "x", [2]],
+                                        "d": {"k": {"j": "ü"}}},
+                   properties={"correlation_id": "c", "reply_to": "r", "custom": "kept",
+                               "delivery_mode": 1, "priority": 0})
+    amqp.publish("q", sent, priority=2)
+    [got] = amqp.fetch("c1", ["q"], 1, 0)
+    assert got.message == sent and got.priority == 2
+
+
+def test_a_thousand_reply_round_trips_leave_no_queues(make_transport: Factory,
+                                                      prefix: str) -> None:
+    client, server = make_transport(clock=time.time), make_transport(clock=time.time)
+    for n in range(1000):
+        box = f"reply.{n}"
+        client.prepare_replies(box)
+        server.reply(box, b"pong %d" % n, ttl=60.0)
+        assert client.get_replies(box, 5.0) == [b"pong %d" % n]
+    assert len(broker_names(prefix)) <= AMQPTransport.reply_boxes
+    sub = client.subscribe("control")
+    server.broadcast("control", b"hello")
+    assert sub.get(5.0) == [b"hello"]
+    sub.close()
+    client.close()
+    server.close()
+    leftover = [n for n in broker_names(prefix) if n != f"{prefix}control"]
+    assert leftover == []
+
+
+def test_after_fork_abandons_the_parents_connection(amqp: AMQPTransport) -> None:
+    amqp.publish("q", message(1))
+    parent_io = amqp._ensure().io
+    amqp.after_fork()  # as a forked child would: the old loop thread is not touched
+    assert parent_io.alive
+    assert numbers(amqp.fetch("c1", ["q"], 1, 0)) == [1]
+    assert amqp._ensure().io is not parent_io
+    [parent] = amqp._abandoned  # in a real child it is simply gone; here, close it
+    parent.io.call(parent.link.close())
+    parent.io.stop()
+
+
+def test_without_aiormq_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from celeriac.transports import amqp_io
+
+    monkeypatch.setattr(amqp_io, "aiormq", None)
+    with pytest.raises(ConfigurationError, match=r"pip install celeriac\[amqp\]"):
+        open_transport("amqp://guest:guest@127.0.0.1:1//", clock=time.time)

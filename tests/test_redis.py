@@ -1,0 +1,555 @@
+"""The transport and result-backend contracts on Redis, plus what only the Redis broker promises.
+
+Every test works under its own key prefix (``?key_prefix=`` in the URL) and deletes the keys
+it made, so tests share the server with each other and with anything else running on it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from celeriac import states
+from celeriac.exceptions import ConfigurationError, ResultBackendError, TransportError
+from celeriac.protocol import Message
+from celeriac.results import ResultBackend, make_meta, open_backend
+from celeriac.transports import Delivery, Transport, open_transport
+from celeriac.transports import redis_keys as K
+from celeriac.transports.redis import RedisTransport
+from celeriac.transports.redis_conn import redis_params
+from tests.contract.backend_suite import BackendContract
+from tests.contract.conftest_helpers import FakeClock, eventually
+from tests.contract.transport_suite import LEASE, TransportContract, in_thread, message, numbers
+
+redis = pytest.importorskip("redis")
+
+
+def _url(server: str, prefix: str, db: int = 0) -> str:
+    return f"{server.rstrip('/')}/{db}?key_prefix={prefix}"
+
+
+def _keys(server: str, prefix: str) -> list[bytes]:
+    client = redis.Redis.from_url(server)
+    try:
+        return list(client.scan_iter(match=f"{prefix}*", count=1000))
+    finally:
+        client.close()
+
+
+def _drop(server: str, prefix: str) -> None:
+    client = redis.Redis.from_url(server)
+    try:
+        for key in client.scan_iter(match=f"{prefix}*", count=1000):
+            client.delete(key)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def prefix(redis_server: str) -> Iterator[str]:
+    """A key prefix of this test's own; its keys are deleted afterwards."""
+    name = f"celeriac-test-{uuid.uuid4().hex[:12]}:"
+    yield name
+    _drop(redis_server, name)
+
+
+@pytest.fixture
+def raw(redis_server: str) -> Iterator[Any]:
+    """A plain redis-py client on the test server, for looking behind the transport's back."""
+    client = redis.Redis.from_url(redis_server)
+    yield client
+    client.close()
+
+
+Factory = Callable[..., Transport]
+
+
+class TestRedisTransport(TransportContract):
+    @pytest.fixture
+    def make_transport(self, redis_server: str, prefix: str) -> Iterator[Factory]:
+        made: list[Transport] = []
+
+        def make(clock: Callable[[], float], lease_seconds: float = LEASE,
+                 **options: Any) -> Transport:
+            transport = open_transport(_url(redis_server, prefix), clock=clock,
+                                       lease_seconds=lease_seconds, options=options)
+            made.append(transport)
+            return transport
+
+        yield make
+        for transport in made:
+            transport.close()
+
+
+class TestRedisBackend(BackendContract):
+    native_expiry = True
+
+    @pytest.fixture
+    def make_backend(self, redis_server: str, prefix: str) -> Iterator[Callable[..., Any]]:
+        made: list[ResultBackend] = []
+
+        def make(clock: Callable[[], float], expires: float | None = 3600.0,
+                 **kwargs: Any) -> ResultBackend:
+            backend = open_backend(_url(redis_server, prefix, db=1), clock=clock,
+                                   expires=expires, **kwargs)
+            made.append(backend)
+            return backend
+
+        yield make
+        for backend in made:
+            backend.close()
+        _drop(redis_server.rstrip("/") + "/1", prefix)
+
+
+# -- what only the Redis broker promises ---------------------------------------------------------
+@pytest.fixture
+def url(redis_server: str, prefix: str) -> str:
+    return _url(redis_server, prefix)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def broker(url: str, clock: FakeClock) -> Iterator[RedisTransport]:
+    transport = open_transport(url, clock=clock, lease_seconds=LEASE)
+    assert isinstance(transport, RedisTransport)
+    yield transport
+    transport.close()
+
+
+@pytest.fixture
+def make_broker(url: str) -> Iterator[Callable[..., RedisTransport]]:
+    made: list[Transport] = []
+
+    def make(clock: Callable[[], float], lease_seconds: float = LEASE) -> RedisTransport:
+        transport = open_transport(url, clock=clock, lease_seconds=lease_seconds)
+        assert isinstance(transport, RedisTransport)
+        made.append(transport)
+        return transport
+
+    yield make
+    for transport in made:
+        transport.close()
+
+
+@pytest.fixture
+def raw1(redis_server: str) -> Iterator[Any]:
+    """A plain client on database 1, where the result tests keep their keys."""
+    client = redis.Redis.from_url(f"{redis_server.rstrip('/')}/1")
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def make_backend_(redis_server: str, prefix: str) -> Iterator[Callable[..., ResultBackend]]:
+    made: list[ResultBackend] = []
+
+    def make(clock: Callable[[], float], **kwargs: Any) -> ResultBackend:
+        backend = open_backend(_url(redis_server, prefix, db=1), clock=clock, **kwargs)
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        backend.close()
+    _drop(f"{redis_server.rstrip('/')}/1", prefix)
+
+
+def _pending(raw: Any, transport: RedisTransport, queue: str, band: int = 0) -> list[Any]:
+    return list(raw.xpending_range(transport.keys.queue(queue).streams[band], K.GROUP,
+                                   "-", "+", 100))
+
+
+def test_priorities_go_to_four_bands_read_highest_first(broker: RedisTransport,
+                                                        raw: Any) -> None:
+    for priority in range(10):
+        broker.publish("q", message(priority), priority=priority)
+    broker.publish("q", message(99), priority=42)  # clamped to 9
+    streams = broker.keys.queue("q").streams
+    assert [raw.xlen(s) for s in streams] == [3, 3, 2, 3]
+    assert [K.band_of(p) for p in range(10)] == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
+    got = broker.fetch("c1", ["q"], 3, 0)
+    assert numbers(got) == [9, 99, 8] and [d.priority for d in got] == [9, 9, 8]
+    assert numbers(broker.fetch("c1", ["q"], 20, 0)) == [7, 6, 5, 4, 3, 2, 1, 0]
+
+
+def test_keys_of_a_queue_share_a_hash_tag(broker: RedisTransport, prefix: str) -> None:
+    keys = broker.keys.queue("images")
+    assert all(key.startswith(f"{prefix}{{celeriac:images}}:") for key in keys.all)
+    assert broker.keys.reply("r").startswith(prefix)
+    assert broker.keys.broadcast("c").startswith(prefix)
+
+
+def test_delayed_message_moves_to_its_stream_when_due(broker: RedisTransport, raw: Any,
+                                                      clock: FakeClock) -> None:
+    broker.publish("q", message(1), priority=9, delay=10.0)
+    keys = broker.keys.queue("q")
+    assert raw.zcard(keys.delayed) == 1 and raw.xlen(keys.streams[3]) == 0
+    assert broker.fetch("c1", ["q"], 5, 0) == []
+    clock.advance(10.5)
+    [due] = broker.fetch("c1", ["q"], 5, 0)
+    assert due.priority == 9 and due.message == message(1)
+    assert raw.zcard(keys.delayed) == 0 and raw.xlen(keys.streams[3]) == 1
+    broker.ack([due.tag])
+    assert raw.xlen(keys.streams[3]) == 0  # acked entries are deleted, not kept
+
+
+def test_a_long_countdown_is_never_duplicated(make_broker: Callable[..., RedisTransport],
+                                              clock: FakeClock, raw: Any) -> None:
+    producer, first, second = (make_broker(clock) for _ in range(3))
+    producer.publish("q", message(1), delay=5 * LEASE)
+    seen: list[Delivery] = []
+    for _ in range(30):  # 10 leases of time, both consumers asking all along
+        clock.advance(LEASE / 3)
+        for consumer, handle in (("c1", first), ("c2", second)):
+            seen += handle.fetch(consumer, ["q"], 5, 0)
+            handle.renew(consumer)
+    assert len(seen) == 1 and seen[0].deliveries == 1
+    assert raw.xlen(producer.keys.queue("q").streams[0]) == 1
+
+
+def test_a_live_consumer_that_renews_is_never_overtaken(broker: RedisTransport, raw: Any,
+                                                        clock: FakeClock) -> None:
+    broker.publish("q", message(1))
+    [held] = broker.fetch("c1", ["q"], 1, 0)
+    for _ in range(10):
+        clock.advance(LEASE * 0.6)
+        assert broker.renew("c1") == 1
+        assert broker.fetch("c2", ["q"], 1, 0) == []
+    [entry] = _pending(raw, broker, "q")
+    assert entry["consumer"] == b"c1" and entry["times_delivered"] == 1
+    broker.ack([held.tag])
+
+
+def test_a_dead_consumers_message_is_claimed_after_the_lease(broker: RedisTransport, raw: Any,
+                                                             clock: FakeClock) -> None:
+    broker.publish("q", message(1))
+    broker.fetch("dead", ["q"], 1, 0)
+    clock.advance(LEASE - 1)
+    assert broker.fetch("alive", ["q"], 1, 0) == []
+    clock.advance(2)
+    [again] = broker.fetch("alive", ["q"], 1, 0)
+    assert again.deliveries == 2 and again.redelivered
+    [entry] = _pending(raw, broker, "q")
+    assert entry["consumer"] == b"alive" and entry["times_delivered"] == 2
+
+
+def test_a_delivery_whose_reply_was_lost_is_not_renewed(broker: RedisTransport,
+                                                        clock: FakeClock) -> None:
+    """A fetch the server ran but whose reply never arrived (the connection dropped)."""
+    broker.publish_many([("q", message(1), 0), ("q", message(2), 0)])
+    [seen] = broker.fetch("c1", ["q"], 1, 0)
+    keys = broker.keys.queue("q").all
+    broker._eval(K.FETCH, keys, [K.GROUP, "c1", 1, repr(clock()), repr(clock() + LEASE), "0"])
+    for _ in range(3):  # c1's heartbeat goes on; what it never saw is not kept alive
+        clock.advance(LEASE / 2)
+        assert broker.renew("c1") == 1
+    [lost] = broker.fetch("c2", ["q"], 5, 0)
+    assert numbers([seen, lost]) == [1, 2] and lost.deliveries == 2
+
+
+def test_a_stale_tag_leaves_the_new_owner_alone(broker: RedisTransport, raw: Any,
+                                                clock: FakeClock) -> None:
+    broker.publish("q", message(1))
+    [old] = broker.fetch("c1", ["q"], 1, 0)
+    clock.advance(LEASE + 1)
+    [new] = broker.fetch("c2", ["q"], 1, 0)
+    leases = broker.keys.queue("q").leases
+    score = raw.zscore(leases, new.tag.split(":", 2)[0] + ":" + new.tag.split(":")[1])
+    broker.requeue([old.tag])
+    broker.ack([old.tag])
+    broker.dead_letter(old, "late")
+    [entry] = _pending(raw, broker, "q")
+    assert entry["consumer"] == b"c2" and entry["times_delivered"] == 2
+    assert raw.zscore(leases, f"0:{entry['message_id'].decode()}") == score
+    assert raw.exists(broker.keys.queue("q").dead) == 0
+    with pytest.raises(TransportError, match="Not a Redis delivery tag"):
+        broker.ack(["7.3"])
+
+
+def test_requeue_hands_the_message_to_anyone_at_once(broker: RedisTransport, raw: Any) -> None:
+    broker.publish("q", message(1))
+    [got] = broker.fetch("c1", ["q"], 1, 0)
+    broker.requeue([got.tag])
+    assert broker.renew("c1") == 0  # no longer ours, so a heartbeat cannot take it back
+    [entry] = _pending(raw, broker, "q")
+    assert entry["consumer"] == K.REQUEUED_CONSUMER.encode()
+    [again] = broker.fetch("c2", ["q"], 1, 0)
+    assert again.deliveries == 2
+
+
+def test_dead_letter_stream_content(broker: RedisTransport, raw: Any, clock: FakeClock) -> None:
+    broker.publish("q", message(1))
+    broker.publish("other", message(2))
+    [got] = broker.fetch("c1", ["q"], 1, 0)
+    broker.dead_letter(got, "poison: it crashed the pool child")
+    [(_, fields)] = raw.xrange(broker.keys.queue("q").dead)
+    assert fields[b"queue"] == b"q"
+    assert fields[b"reason"] == b"poison: it crashed the pool child"
+    assert fields[b"deliveries"] == b"1"
+    assert float(fields[b"at"]) == pytest.approx(clock())
+    assert Message.from_envelope(fields[b"m"]) == message(1)
+    assert raw.smembers(broker.keys.dead_queues) == {b"q"}
+    assert raw.xlen(broker.keys.queue("q").streams[0]) == 0  # taken out of the stream
+    [other] = broker.fetch("c1", ["other"], 1, 0)
+    broker.dead_letter(other, "second")
+    assert [d.reason for d in broker.dead_letters()] == [
+        "poison: it crashed the pool child", "second"]
+
+
+def test_a_foreign_stream_entry_is_handed_out_to_be_dead_lettered(broker: RedisTransport,
+                                                                  raw: Any) -> None:
+    raw.xadd(broker.keys.queue("q").streams[0], {"m": b"\xff not json"})
+    [odd] = broker.fetch("c1", ["q"], 1, 0)
+    assert dict(odd.message.headers) == {} and odd.message.body == b"\xff not json"
+    broker.dead_letter(odd, "Message has no 'id' header")
+    [dead] = broker.dead_letters("q")
+    assert dead.message.body == b"\xff not json"
+    assert broker.queue_size("q") == 0
+
+
+def test_wake_ends_a_blocked_fetch_promptly(url: str, raw: Any) -> None:
+    transport = open_transport(url, clock=time.time)
+    assert isinstance(transport, RedisTransport)
+
+    def blocked_in_redis() -> bool:
+        waiting = {int(c["id"]) for c in raw.client_list() if "b" in c["flags"]}
+        return any(w.client_id in waiting for w in list(transport._blocked))
+
+    try:
+        thread, out = in_thread(lambda: transport.fetch("c1", ["q"], 5, 30.0))
+        eventually(blocked_in_redis, timeout=5.0, interval=0.001)
+        woken = time.monotonic()
+        transport.wake()
+        thread.join(5.0)
+        assert out == [[]]
+        assert time.monotonic() - woken < 0.09  # interrupted, not waiting out a slice
+    finally:
+        transport.close()
+
+
+def test_purge_in_chunks_and_sizes_count_requeued(broker: RedisTransport) -> None:
+    broker.publish_many([("q", message(n), n % 10) for n in range(2500)])
+    got = broker.fetch("c1", ["q"], 10, 0)
+    broker.requeue([d.tag for d in got[:4]])
+    assert broker.queue_size("q") == 2494
+    assert broker.purge("q") == 2494
+    assert broker.queue_size("q") == 0
+    broker.ack([d.tag for d in got[4:]])
+
+
+def test_acks_wait_out_a_lost_connection(broker: RedisTransport, raw: Any,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    broker.publish("q", message(1))
+    [got] = broker.fetch("c1", ["q"], 1, 0)
+    real = broker._eval_many
+
+    def unreachable(calls: Any) -> Any:
+        raise redis.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(broker, "_eval_many", unreachable)
+    broker.ack([got.tag])  # does not raise: kept for the next call that gets through
+    monkeypatch.setattr(broker, "_eval_many", real)
+    assert broker.renew("c1") == 0  # the ack went through first
+    assert raw.xlen(broker.keys.queue("q").streams[0]) == 0
+
+
+def test_idle_consumers_are_forgotten(broker: RedisTransport, raw: Any) -> None:
+    broker.publish_many([("q", message(1), 0), ("q", message(2), 0)])
+    [got] = broker.fetch("gone", ["q"], 1, 0)
+    [held] = broker.fetch("busy", ["q"], 1, 0)
+    stream = broker.keys.queue("q").streams[0]
+    assert {c["name"] for c in raw.xinfo_consumers(stream, K.GROUP)} == {b"gone", b"busy"}
+    broker.ack([got.tag])
+    broker._eval(K.JANITOR, broker.keys.queue("q").all, [K.GROUP, -1])
+    assert {c["name"] for c in raw.xinfo_consumers(stream, K.GROUP)} == {b"busy"}
+    broker.ack([held.tag])
+
+
+# -- replies and broadcasts ----------------------------------------------------------------------
+def test_reply_keys_expire(broker: RedisTransport, raw: Any) -> None:
+    broker.reply("forgotten", b"x", ttl=0.5)
+    key = broker.keys.reply("forgotten")
+    assert 0 < raw.pttl(key) <= 500
+    eventually(lambda: not raw.exists(key), timeout=5.0)
+
+
+def test_a_thousand_replies_and_broadcasts_leave_no_keys(url: str, redis_server: str,
+                                                         prefix: str) -> None:
+    transport = open_transport(url, clock=time.time)
+    try:
+        sub = transport.subscribe("control")
+        for i in range(1000):
+            transport.reply(f"box-{i}", b"answer")
+            assert transport.get_replies(f"box-{i}", 0) == [b"answer"]
+            transport.broadcast("control", b"ping")
+            transport.broadcast("nobody-listens", b"ping")
+        got = sub.get(2.0)
+        while len(got) < 1000:
+            got += sub.get(2.0)
+        sub.close()
+        assert len(got) == 1000
+        assert _keys(redis_server, prefix) == []
+    finally:
+        transport.close()
+
+
+# -- connections, URLs, secrets ------------------------------------------------------------------
+def test_broker_down_at_start_up_is_a_clear_error(caplog: pytest.LogCaptureFixture) -> None:
+    url = "redis://user:s3cret-pw@127.0.0.1:1/0"
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="celeriac.redis"):
+        with pytest.raises(TransportError) as info:
+            open_transport(url, clock=time.time, options={"connection_timeout": 0.7})
+    assert time.monotonic() - started < 5.0
+    text = str(info.value)
+    assert "redis://user:**@127.0.0.1:1/0" in text and "Is Redis running" in text
+    assert "broker_connection_timeout" in text
+    assert caplog.records and all("127.0.0.1:1" in r.getMessage() for r in caplog.records)
+    assert "s3cret-pw" not in text + caplog.text
+    with pytest.raises(TransportError, match="after 1 attempt"):
+        open_transport(url, clock=time.time, options={"connection_retry": False})
+
+
+def test_urls_and_describe() -> None:
+    plain = redis_params("redis://u:p%40ss@example.com:6380/3?key_prefix=app1:")
+    assert plain.client_kwargs["password"] == "p@ss" and plain.client_kwargs["username"] == "u"
+    assert plain.facts == {"transport": "redis", "hostname": "example.com", "port": 6380,
+                           "db": 3, "ssl": False, "key_prefix": "app1:"}
+    assert redis_params("redis://h?db=5").facts["db"] == 5
+    tls = redis_params("rediss://h:6390/0?ssl_cert_reqs=none&ssl_ca_certs=/ca.pem")
+    assert tls.facts["ssl"] and tls.client_kwargs["ssl_cert_reqs"] == "none"
+    assert tls.client_kwargs["ssl_ca_certs"] == "/ca.pem"
+    sock = redis_params("redis+socket:///run/redis/redis.sock?db=2")
+    assert sock.client_kwargs["unix_socket_path"] == "/run/redis/redis.sock"
+    assert sock.facts == {"transport": "redis", "path": "/run/redis/redis.sock", "db": 2,
+                          "ssl": False, "key_prefix": ""}
+    assert redis_params("redis://h/0?key_prefix=a", {"key_prefix": "b"}).key_prefix == "b"
+    with pytest.raises(ConfigurationError, match="Unknown option"):
+        redis_params("redis://:secret@h/0?virtualhost=1")
+    with pytest.raises(ConfigurationError, match="not a whole number") as info:
+        redis_params("redis://:secret@h/zero")
+    assert "secret" not in str(info.value)
+
+
+def test_missing_client_library_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import celeriac.transports.redis_conn as module
+
+    monkeypatch.setattr(module, "redis", None)
+    with pytest.raises(ConfigurationError, match=r"pip install celeriac\[redis\]"):
+        open_transport("redis://127.0.0.1:6379/0", clock=time.time)
+
+
+@pytest.fixture
+def acl_user(raw: Any, prefix: str) -> Iterator[Callable[..., tuple[str, str]]]:
+    """Makes ACL users limited to this test's keys; deletes them afterwards."""
+    made: list[str] = []
+
+    def make(*rules: str) -> tuple[str, str]:
+        name, password = f"{prefix.rstrip(':')}-user{len(made)}", uuid.uuid4().hex
+        try:
+            raw.acl_setuser(name, enabled=True, passwords=[f"+{password}"],
+                            keys=[f"{prefix}*"], channels=[f"{prefix}*"],
+                            commands=["+@all", *rules])
+        except redis.ResponseError as exc:
+            pytest.skip(f"cannot create an ACL user here: {exc}")
+        made.append(name)
+        return name, password
+
+    yield make
+    for name in made:
+        raw.acl_deluser(name)
+
+
+def test_acl_user_and_password(acl_user: Callable[..., tuple[str, str]], redis_server: str,
+                               prefix: str) -> None:
+    name, password = acl_user()
+    url = f"redis://{name}:{password}@127.0.0.1:6379/0?key_prefix={prefix}"
+    transport = open_transport(url, clock=time.time)
+    try:
+        transport.publish("q", message(1))
+        [got] = transport.fetch("c1", ["q"], 1, 0)
+        transport.ack([got.tag])
+        assert password not in repr(transport.describe())
+        assert transport.describe()["hostname"] == "127.0.0.1"
+    finally:
+        transport.close()
+    with pytest.raises(TransportError, match=r"refused our credentials \(\w") as info:
+        open_transport(url.replace(password, "wrong-" + password), clock=time.time)
+    assert password not in str(info.value)
+
+
+def test_wake_without_permission_for_client_unblock(acl_user: Callable[..., tuple[str, str]],
+                                                    prefix: str) -> None:
+    name, password = acl_user("-client")
+    url = f"redis://{name}:{password}@127.0.0.1:6379/0?key_prefix={prefix}"
+    transport = open_transport(url, clock=time.time)
+    try:
+        thread, out = in_thread(lambda: transport.fetch("c1", ["q"], 5, 30.0))
+        deadline = time.monotonic() + 2.0
+        while thread.is_alive() and time.monotonic() < deadline:
+            transport.wake()
+            thread.join(0.05)
+        assert out == [[]]
+        transport.publish("q", message(1))
+        assert numbers(transport.fetch("c1", ["q"], 5, 5.0)) == [1]
+    finally:
+        transport.close()
+
+
+# -- results -------------------------------------------------------------------------------------
+def test_result_key_name_expiry_and_channel(make_backend_: Callable[..., ResultBackend],
+                                            raw1: Any, prefix: str) -> None:
+    backend = make_backend_(time.time, expires=60.0)
+    pubsub = raw1.pubsub()
+    pubsub.subscribe(f"{prefix}celery-task-meta-t1")
+    eventually(lambda: pubsub.get_message(timeout=0.1))  # the subscribe confirmation
+    meta = make_meta("t1", states.SUCCESS, result=[1, 2])
+    backend.store(meta)
+    key = f"{prefix}celery-task-meta-t1"
+    assert 0 < raw1.pttl(key) <= 60_000
+    stored = json.loads(raw1.get(key))
+    assert stored["status"] == "SUCCESS" and stored["result"] == [1, 2]
+    note = eventually(lambda: pubsub.get_message(timeout=0.1))
+    assert note["type"] == "message" and note["data"] == raw1.get(key)
+    pubsub.close()
+
+
+def test_waiting_does_not_poll(make_backend_: Callable[..., ResultBackend],
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    waiter, writer = make_backend_(time.time), make_backend_(time.time)
+    reads: list[str] = []
+    real_get = waiter._client.get  # type: ignore[attr-defined]
+    monkeypatch.setattr(waiter._client, "get",  # type: ignore[attr-defined]
+                        lambda key: reads.append(key) or real_get(key))
+    thread, out = in_thread(lambda: waiter.wait("t1", 10.0))
+    eventually(lambda: len(reads) == 2)  # read, subscribed, read again (closes the race)
+    time.sleep(0.5)  # a polling waiter would read again meanwhile
+    writer.store(make_meta("t1", states.STARTED))
+    final = make_meta("t1", states.SUCCESS, result=3)
+    writer.store(final)
+    thread.join(5.0)
+    assert out == [final]
+    assert len(reads) == 2
+
+
+def test_pickle_results_keep_success_final(make_backend_: Callable[..., ResultBackend]) -> None:
+    backend = make_backend_(time.time, serializer="pickle", accept=("pickle",))
+    backend.store(make_meta("t1", states.SUCCESS, result={1, 2}))
+    backend.store(make_meta("t1", states.FAILURE, result={"exc_type": "E"}))
+    got = backend.wait("t1", 1.0)
+    assert got is not None and got["status"] == states.SUCCESS and got["result"] == {1, 2}
+
+
+def test_backend_down_at_start_up_is_a_clear_error() -> None:
+    with pytest.raises(ResultBackendError, match="Cannot connect to the Redis result backend"):
+        open_backend("redis://:pw@127.0.0.1:1/1", clock=time.time,
+                     options={"connection_timeout": 0.3})

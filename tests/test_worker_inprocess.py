@@ -1,0 +1,202 @@
+"""Worker logic with an in-process worker on the memory broker (no processes involved)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from celeriac import Celeriac, states
+from celeriac.exceptions import MaxRetriesExceededError
+from celeriac.results import make_meta
+from celeriac.worker.worker import Worker, WorkerOptions
+
+from .conftest import wait_for
+
+
+@pytest.fixture
+def app() -> Celeriac:
+    return Celeriac("inproc", broker="memory://", environ={})
+
+
+WORKER_DEFAULTS = {"pool": "threads", "concurrency": 2, "loglevel": "INFO"}
+
+
+def test_retry_gives_up_after_max_retries(app, run_worker):
+    calls = []
+
+    @app.task(bind=True, max_retries=2)
+    def stubborn(self):
+        calls.append(self.request.retries)
+        raise self.retry(countdown=0.01)
+
+    run_worker()
+    result = stubborn.delay()
+    with pytest.raises(MaxRetriesExceededError, match="max_retries=2"):
+        result.get(timeout=10)
+    assert calls == [0, 1, 2]
+
+
+def test_retry_with_exc_raises_it_at_the_end(app, run_worker):
+    @app.task(bind=True, max_retries=1, default_retry_delay=0.01)
+    def flaky(self):
+        raise self.retry(exc=KeyError("gone"))
+
+    run_worker()
+    with pytest.raises(KeyError, match="gone"):
+        flaky.delay().get(timeout=10)
+
+
+def test_request_context_and_parent_ids(app, run_worker):
+    seen = {}
+
+    @app.task(bind=True)
+    def child(self):
+        seen["child"] = self.request
+        return self.request.parent_id
+
+    @app.task(bind=True)
+    def parent(self):
+        seen["parent"] = self.request
+        return child.delay().id
+
+    run_worker()
+    child_id = parent.delay().get(timeout=10)
+    parent_id = app.AsyncResult(child_id).get(timeout=10)
+    assert parent_id == seen["parent"].id
+    assert seen["child"].root_id == seen["parent"].id
+    assert seen["parent"].hostname.startswith("celery@")
+    assert seen["parent"].delivery_info["routing_key"] == "celery"
+    assert seen["parent"].called_directly is False
+
+
+def test_acks_late_setting_applies_to_tasks_declared_before_it(app, run_worker):
+    @app.task
+    def quick():
+        return 1
+
+    assert quick.acks_late is False
+    app.conf.task_acks_late = True
+    assert quick.acks_late is True
+
+
+def test_track_started_stores_started_state(app, run_worker):
+    gate = threading.Event()
+
+    @app.task(track_started=True)
+    def slow():
+        gate.wait(10)
+        return "done"
+
+    run_worker()
+    result = slow.delay()
+    wait_for(lambda: result.state == states.STARTED, 10, "STARTED state")
+    gate.set()
+    assert result.get(timeout=10) == "done"
+
+
+def test_higher_priority_runs_first(app, run_worker):
+    order = []
+
+    @app.task
+    def record(n):
+        order.append(n)
+
+    for n in range(5):
+        record.apply_async((n,), priority=0)
+    record.apply_async(("urgent",), priority=9)
+    run_worker(concurrency=1, prefetch_multiplier=1)
+    wait_for(lambda: len(order) == 6, 10, "all tasks")
+    assert order[0] == "urgent"
+
+
+def test_ignore_result_stores_nothing(app, run_worker):
+    done = threading.Event()
+
+    @app.task(ignore_result=True)
+    def fire_and_forget():
+        done.set()
+        return 42
+
+    run_worker()
+    result = fire_and_forget.delay()
+    assert done.wait(10)
+    time.sleep(0.1)
+    assert result.state == states.PENDING
+
+
+def test_expired_while_waiting_for_a_slot_is_not_run(app, run_worker):
+    gate = threading.Event()
+    ran = []
+
+    @app.task
+    def block():
+        gate.wait(10)
+
+    @app.task
+    def later():
+        ran.append(1)
+
+    run_worker(concurrency=1)
+    block.delay()
+    result = later.apply_async(expires=0.2)
+    time.sleep(0.4)
+    gate.set()
+    wait_for(lambda: result.state == states.REVOKED, 10, "REVOKED")
+    assert ran == []
+
+
+def test_stop_during_countdown_gives_the_message_back(app, run_worker):
+    @app.task
+    def eventually():
+        return 1
+
+    worker = run_worker()
+    eventually.apply_async(countdown=30)
+    wait_for(lambda: len(worker.state.scheduled) == 1, 10, "the task to be scheduled")
+    assert app.transport.queue_size("celery") == 0  # leased to the worker
+    worker.stop()
+    wait_for(lambda: app.transport.queue_size("celery") == 1, 10, "the message to come back")
+
+
+def test_async_bound_task_sees_its_request(app, run_worker):
+    import asyncio
+
+    @app.task(bind=True)
+    async def whoami(self):
+        await asyncio.sleep(0.01)
+        return self.request.id
+
+    run_worker()
+    result = whoami.delay()
+    assert result.get(timeout=10) == result.id
+
+
+def test_worker_deletes_expired_results(tmp_path, run_worker):
+    app = Celeriac("cleanup", broker="memory://", backend=f"sqlite:///{tmp_path}/r.db",
+                   environ={}, result_expires=0.2, result_cleanup_interval=0.3)
+    app.backend.store(make_meta("old", states.SUCCESS, 1))
+    db = sqlite3.connect(tmp_path / "r.db")
+    assert db.execute("SELECT count(*) FROM results").fetchone()[0] == 1
+
+    worker = Worker(app, WorkerOptions(pool="threads", concurrency=1))
+    thread = threading.Thread(target=worker.run, kwargs={"install_signals": False},
+                              daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: db.execute("SELECT count(*) FROM results").fetchone()[0] == 0, 10,
+                 "the expired result to be deleted")
+    finally:
+        worker.stop()
+        thread.join(10)
+        db.close()
+
+
+def test_a_bad_cleanup_interval_is_a_clear_start_up_error():
+    from celeriac.exceptions import ConfigurationError
+
+    app = Celeriac("bad", broker="memory://", environ={}, result_cleanup_interval="hourly")
+    with pytest.raises(ConfigurationError, match="result_cleanup_interval must be a number"):
+        Worker(app, WorkerOptions(pool="solo")).run(install_signals=False)
