@@ -35,7 +35,7 @@ class BrokerProject(Project):
     def app(self) -> Celeriac:
         app = Celeriac("proj", broker=self.broker, backend=self.backend, environ={})
         app.conf.broker_eta_horizon = self.eta_horizon
-        return app
+        return self.keep(app)
 
 
 def redis_project(path: Path, server: str, prefix: str) -> BrokerProject:

@@ -10,7 +10,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,7 @@ class Project:
     """A directory with ``proj.py``, its own broker/result files and a ledger."""
 
     path: Path
+    apps: list[Any] = field(default_factory=list, repr=False)
 
     @property
     def env(self) -> dict[str, str]:
@@ -100,8 +101,18 @@ class Project:
         """A fresh client-side app on this project's broker (same settings as proj.app)."""
         from celeriac import Celeriac
 
-        return Celeriac("proj", broker=f"sqlite:///{self.path}/broker.db",
-                        backend=f"sqlite:///{self.path}/results.db", environ={})
+        return self.keep(Celeriac("proj", broker=f"sqlite:///{self.path}/broker.db",
+                                  backend=f"sqlite:///{self.path}/results.db", environ={}))
+
+    def keep(self, app):  # type: ignore[no-untyped-def]
+        """Remember ``app`` so that :meth:`close` closes its connections after the test."""
+        self.apps.append(app)
+        return app
+
+    def close(self) -> None:
+        """Close every app :meth:`app` handed out (no reconnect loops outlive the test)."""
+        while self.apps:
+            self.apps.pop().close()
 
     def ledger(self, task: str | None = None) -> list[tuple[str, str, int]]:
         import sqlite3
@@ -131,8 +142,10 @@ def make_project(path: Path) -> Project:
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> Project:
-    return make_project(tmp_path)
+def project(tmp_path: Path) -> Iterator[Project]:
+    project = make_project(tmp_path)
+    yield project
+    project.close()
 
 
 class WorkerProcess:

@@ -333,6 +333,30 @@ def test_a_reconnect_keeps_what_the_consumer_holds(amqp: AMQPTransport,
     amqp.close()
     assert make_transport(clock=time.time).queue_size("q") == 0
 
+def test_an_ack_lost_with_the_connection_does_not_run_the_task_again(
+        amqp: AMQPTransport, make_transport: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ack written just before the connection drops may never reach the broker.
+
+    The broker then redelivers a message whose task has finished; it is settled on arrival.
+    """
+    amqp.publish_many([("q", message(n), 0) for n in range(2)])
+    held = amqp.fetch("c1", ["q"], 2, 5.0)
+    assert len(held) == 2
+    channel = amqp._state.link.channels["cons"]  # type: ignore[union-attr]
+
+    async def lost_in_flight(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    monkeypatch.setattr(channel, "basic_ack", lost_in_flight)
+    amqp.ack([held[0].tag])
+    monkeypatch.undo()
+    amqp.drop_connection()
+    assert amqp.fetch("c1", ["q"], 2, 1.5) == []  # neither comes out a second time
+    amqp.ack([held[1].tag])
+    amqp.close()
+    eventually(lambda: make_transport(clock=time.time).queue_size("q") == 0)
+
+
 def test_dead_letters_keep_reason_count_and_survive_the_handle(
         amqp: AMQPTransport, make_transport: Factory) -> None:
     amqp.publish("q", message(1))

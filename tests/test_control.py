@@ -35,14 +35,19 @@ def project(request, tmp_path):
     prefix = f"ctl-{uuid.uuid4().hex[:10]}."
     if request.param == "sqlite":
         yield base
+        base.close()
     elif request.param == "redis":
         server = request.getfixturevalue("redis_server")
-        yield redis_project(tmp_path, server, prefix)
+        on_redis = redis_project(tmp_path, server, prefix)
+        yield on_redis
+        on_redis.close()
         for db in (0, 1):
             drop_redis_keys(f"{server.rstrip('/')}/{db}", prefix)
     else:
         server = request.getfixturevalue("amqp_server")
-        yield amqp_project(tmp_path, server, prefix)
+        on_amqp = amqp_project(tmp_path, server, prefix)
+        yield on_amqp
+        on_amqp.close()
         sweep_amqp(server, prefix)
 
 

@@ -61,6 +61,7 @@ def project(tmp_path: Path, amqp_server: str) -> Iterator[BrokerProject]:
     prefix = f"rel-{uuid.uuid4().hex[:10]}."
     project = amqp_project(tmp_path, amqp_server, prefix)
     yield project
+    project.close()
     sweep_amqp(amqp_server, prefix)
 
 

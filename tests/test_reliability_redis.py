@@ -65,7 +65,9 @@ def _make_project(path: Path, broker_server: str, backend_server: str,
 def project(tmp_path: Path, redis_server: str) -> Iterator[BrokerProject]:
     """Overrides the conftest ``project``: the same proj.py, on Redis (start_worker uses it)."""
     prefix = f"celeriac-rel-{uuid.uuid4().hex[:12]}:"
-    yield _make_project(tmp_path, redis_server, redis_server, prefix)
+    project = _make_project(tmp_path, redis_server, redis_server, prefix)
+    yield project
+    project.close()
     drop_redis_keys(f"{redis_server.rstrip('/')}/0", prefix)
     drop_redis_keys(f"{redis_server.rstrip('/')}/1", prefix)
 

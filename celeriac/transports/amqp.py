@@ -81,6 +81,8 @@ __all__ = ["AMQPTransport"]
 
 _RECENT_ACKS = 10_000
 _ORPHAN_SECONDS = 300.0
+#: an ack written this recently when the connection drops may never have reached the broker
+_UNSURE_ACK_SECONDS = 10.0
 
 
 @dataclass(slots=True)
@@ -130,6 +132,7 @@ class _State:
         self.orphan_tags: dict[str, str] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.acked: OrderedDict[str, None] = OrderedDict()
+        self.sent_acks: deque[tuple[float, str, str]] = deque()  # (when, message id, tag)
         self.wanted: dict[str, str] = {}
         self.consumers: dict[str, str] = {}
         self.prefetch = 0
@@ -148,6 +151,15 @@ class _State:
         self.acked[tag] = None
         if len(self.acked) > _RECENT_ACKS:
             self.acked.popitem(last=False)
+
+    def remember_sent(self, picked: list[_Pending]) -> None:
+        """Acks just written: if the connection drops soon, their redelivery is settled."""
+        now = time.monotonic()
+        with self.cond:
+            self.sent_acks.extend((now, p.mid, p.delivery.tag) for p in picked if p.mid)
+            while self.sent_acks and (now - self.sent_acks[0][0] > _UNSURE_ACK_SECONDS
+                                      or len(self.sent_acks) > _RECENT_ACKS):
+                self.sent_acks.popleft()
 
 
 class _AMQPSubscription(Subscription):
@@ -260,6 +272,10 @@ class AMQPTransport(Transport):
                     st.orphans[p.mid] = _Orphan(tag, consumer, now)
                     st.orphan_tags[tag] = p.mid
             st.held.clear()
+            for when, mid, tag in st.sent_acks:  # the broker may not have read these acks
+                if now - when <= _UNSURE_ACK_SECONDS:
+                    st.orphans.setdefault(mid, _Orphan(tag, "", now, acked=True))
+            st.sent_acks.clear()
             for mid in [m for m, o in st.orphans.items() if now - o.since > _ORPHAN_SECONDS]:
                 st.orphan_tags.pop(st.orphans.pop(mid).tag, None)
             st.consumers.clear()
@@ -510,6 +526,8 @@ class AMQPTransport(Transport):
                 await ch.basic_ack(tags[-1])
         except (amqp_io.amqp_errors.AMQPError, RuntimeError):
             self._settle_later(st, live)
+        else:
+            st.remember_sent(live)
 
     def _settle_later(self, st: _State, stale: list[_Pending]) -> None:
         now = time.monotonic()
