@@ -44,7 +44,7 @@ REQUIREMENTS = (
 NO_DEPS = ("arq==0.28.0",)
 """Installed without its dependencies: arq 0.28 pins redis-py < 6, Celery's Redis transport
 needs >= 6.1 and taskiq-redis 8; arq runs on redis-py 8 (its only other need is click)."""
-EXTRAS = "[redis,amqp]"  # celeriac's own Redis and RabbitMQ clients
+EXTRAS = "[redis,amqp,gevent]"  # celeriac's own Redis and RabbitMQ clients, and gevent
 STAMP = VENV / "bench-installed.txt"
 
 

@@ -197,6 +197,9 @@ class CeleriacNet(NetSystem):
         if celeriac_has("celeriac.pools.asyncio"):
             modes.append(SleepMode("-P asyncio -c 100", "sleep_async",
                                    self._worker("asyncio", 100)))
+        if celeriac_has("celeriac.pools.gevent") and celeriac_has("gevent"):
+            modes.append(SleepMode("-P gevent -c 100", "sleep",
+                                   self._worker("gevent", 100)))
         return modes
 
     def close(self) -> None:

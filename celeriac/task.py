@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import datetime as dt
 import inspect
@@ -11,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .exceptions import ConfigurationError, MaxRetriesExceededError, Retry
+from .greenlets import run_coroutine
 
 if TYPE_CHECKING:
     from .app import Celeriac
@@ -156,7 +156,7 @@ class Task:
         try:
             value = self(*args, **kwargs)
             if inspect.iscoroutine(value):  # an async def task, on a pool without a loop
-                value = asyncio.run(value)
+                value = run_coroutine(value)
             return value
         finally:
             self.app.leave_task(previous)

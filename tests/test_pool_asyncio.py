@@ -2,7 +2,7 @@
 
 Logic runs on an in-process worker (memory broker) and on the pool directly; what users see
 (wall time of 200 concurrent coroutines, control answers under load, limits, terminate, the
-gevent/eventlet messages) runs on real workers through the CLI.
+eventlet message) runs on real workers through the CLI.
 """
 
 from __future__ import annotations
@@ -397,9 +397,7 @@ def test_unavailable_pools_say_what_to_use():
     with pytest.raises(ConfigurationError, match="eventlet") as info:
         pool_class("eventlet")
     assert "asyncio" in str(info.value)
-    with pytest.raises(ConfigurationError, match="gevent") as info:
-        pool_class("gevent")
-    assert "asyncio" in str(info.value)
+    assert "-P gevent" in str(info.value)
     assert pool_class("asyncio") is AsyncioPool
 
 
@@ -494,7 +492,7 @@ def test_real_worker_terminate_leaves_the_others_running(aio_project, start_work
     assert [r.get(timeout=20) for r in others] == [0, 1, 2]
 
 
-@pytest.mark.parametrize("pool", ["eventlet", "gevent"])
+@pytest.mark.parametrize("pool", ["eventlet"])
 def test_real_worker_unavailable_pool_exits_with_a_clear_message(project, pool):
     done = run_cli(project, "worker", "-P", pool, timeout=30)
     assert done.returncode != 0

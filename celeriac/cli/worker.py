@@ -23,7 +23,8 @@ def _split(values: tuple[str, ...]) -> list[str]:
 @click.option("-c", "--concurrency", type=click.IntRange(min=1), default=None,
               help="Number of pool processes/threads. Default: the number of CPUs.")
 @click.option("-P", "--pool", type=click.Choice(POOL_CHOICES), default=None,
-              help="Execution pool. Default: prefork (worker_pool setting).")
+              help="Execution pool. Default: prefork (worker_pool setting). gevent needs "
+                   "pip install 'celeriac[gevent]'.")
 @click.option("-n", "--hostname", default=None,
               help="Node name, e.g. 'worker1@%h'. %h: host with domain, %n: host, "
                    "%d: domain, %%: a literal %. Default: celery@%h.")

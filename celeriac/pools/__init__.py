@@ -14,14 +14,13 @@ POOLS = {
     "threads": "celeriac.pools.threads:ThreadPool",
     "solo": "celeriac.pools.solo:SoloPool",
     "asyncio": "celeriac.pools.asyncio:AsyncioPool",
+    "gevent": "celeriac.pools.gevent:GeventPool",
 }
 #: Names users know from Celery that celeriac does not offer, and what to use instead.
 _UNAVAILABLE = {
-    "gevent": "greenlet pools need the whole process monkey-patched before anything is "
-              "imported, which celeriac does not do; use -P asyncio for async def tasks or "
-              "-P threads for blocking I/O",
-    "eventlet": "eventlet is not supported; use -P asyncio for async def tasks or -P threads "
-                "for blocking I/O",
+    "eventlet": "eventlet is not supported; use -P gevent for greenlets (pip install "
+                "'celeriac[gevent]'), -P asyncio for async def tasks or -P threads for "
+                "blocking I/O",
 }
 
 

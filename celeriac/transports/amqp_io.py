@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from ..exceptions import ConfigurationError, TransportError
+from ..greenlets import new_event_loop, os_thread
 from ..protocol import Message
 from ..urls import mask_url
 
@@ -308,8 +309,8 @@ class IOThread:
     """An asyncio event loop on a daemon thread, for this process's AMQP connection."""
 
     def __init__(self, name: str = "celeriac-amqp") -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self.loop = new_event_loop()
+        self._thread = os_thread(self._main, name)  # a real thread, even under gevent
         self._thread.start()
 
     def _main(self) -> None:

@@ -1,0 +1,149 @@
+"""``-P gevent``: greenlets in one patched process, on every broker, through the real CLI."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from celeriac import Celeriac
+from celeriac.exceptions import ConfigurationError, TaskRevokedError, TimeLimitExceeded
+from celeriac.greenlets import is_patched, wants_gevent
+from celeriac.pools import pool_class
+from celeriac.pools.gevent import GeventPool
+
+from .brokers import amqp_project, drop_redis_keys, redis_project, sweep_amqp
+from .conftest import make_project, wait_for
+
+pytest.importorskip("gevent", reason="the gevent extra is part of [dev]")
+
+GEVENT_TASKS = '''
+
+import threading as _threading
+from celeriac.exceptions import SoftTimeLimitExceeded
+
+_now = {'running': 0, 'peak': 0}
+_guard = _threading.Lock()
+
+@app.task
+def together(seconds):
+    """How many of these ran at once (in this process), and where."""
+    with _guard:
+        _now['running'] += 1
+        _now['peak'] = max(_now['peak'], _now['running'])
+    try:
+        time.sleep(seconds)
+    finally:
+        with _guard:
+            _now['running'] -= 1
+    return _now['peak'], os.getpid(), _threading.current_thread().name
+
+@app.task(soft_time_limit=0.5)
+def careful():
+    try:
+        time.sleep(30)
+    except SoftTimeLimitExceeded:
+        return 'cleaned up'
+    return 'not stopped'
+
+@app.task(time_limit=1)
+def stuck():
+    time.sleep(1000)
+
+@app.task
+def waits(seconds, key):
+    time.sleep(seconds)
+    record('waits', key)
+    return key
+'''
+
+
+@pytest.fixture(params=["sqlite", "redis", "amqp"])
+def project(request, tmp_path):
+    """Overrides the conftest ``project`` (``start_worker`` uses it): proj.py plus the tasks
+    above, on each broker."""
+    base = make_project(tmp_path)
+    with open(tmp_path / "proj.py", "a") as module:
+        module.write(GEVENT_TASKS)
+    prefix = f"gev-{uuid.uuid4().hex[:10]}."
+    if request.param == "sqlite":
+        yield base
+        base.close()
+    elif request.param == "redis":
+        server = request.getfixturevalue("redis_server")
+        on_redis = redis_project(tmp_path, server, prefix)
+        yield on_redis
+        on_redis.close()
+        for db in (0, 1):
+            drop_redis_keys(f"{server.rstrip('/')}/{db}", prefix)
+    else:
+        server = request.getfixturevalue("amqp_server")
+        on_amqp = amqp_project(tmp_path, server, prefix)
+        yield on_amqp
+        on_amqp.close()
+        sweep_amqp(server, prefix)
+
+
+@pytest.fixture
+def gevent_worker(start_worker):
+    def start(*args: str):
+        return start_worker("-P", "gevent", *args)
+    return start
+
+
+def test_fifty_blocking_tasks_run_at_once_in_one_process(project, gevent_worker):
+    worker = gevent_worker("-c", "50")
+    app = project.app()
+    results = [app.send_task("proj.together", (1.0,)) for _ in range(50)]
+    outcomes = [r.get(timeout=60) for r in results]
+    assert {pid for _, pid, _ in outcomes} == {worker.pid}  # no child processes
+    assert max(peak for peak, _, _ in outcomes) >= 40  # time.sleep yielded to the others
+    assert app.send_task("proj.async_add", (2, 3)).get(timeout=20) == 5
+    [stats] = app.control.inspect(timeout=2).stats().values()
+    assert stats["pool"]["implementation"] == "gevent"
+    assert stats["pool"]["max-concurrency"] == 50
+    assert "monkey-patched" not in worker.log()
+
+
+def test_soft_limit_is_caught_and_hard_limit_frees_the_slot(project, gevent_worker):
+    gevent_worker("-c", "4")
+    app = project.app()
+    assert app.send_task("proj.careful").get(timeout=20) == "cleaned up"
+    stuck = app.send_task("proj.stuck")
+    with pytest.raises(TimeLimitExceeded):
+        stuck.get(timeout=20)
+    assert app.send_task("proj.add", (2, 2)).get(timeout=20) == 4
+
+
+def test_terminate_one_of_four_leaves_the_others_to_finish(project, gevent_worker):
+    gevent_worker("-c", "4")
+    app = project.app()
+    victim, *others = [app.send_task("proj.waits", (3.0, key)) for key in "vabc"]
+    wait_for(lambda: sum(len(a or []) for a in
+                         (app.control.inspect(timeout=1).active() or {}).values()) == 4,
+             20, "four tasks running")
+    app.control.revoke(victim.id, terminate=True)
+    with pytest.raises(TaskRevokedError):
+        victim.get(timeout=20)
+    assert [r.get(timeout=20) for r in others] == ["a", "b", "c"]
+    assert sorted(row[1] for row in project.ledger("waits")) == ["'a'", "'b'", "'c'"]
+
+
+@pytest.mark.parametrize(("argv", "wanted"), [
+    (["-A", "proj", "worker", "-P", "gevent", "-c", "100"], True),
+    (["-A", "proj", "worker", "--pool=gevent"], True),
+    (["-A", "proj", "worker", "-Pgevent"], True),
+    (["-A", "proj", "worker", "--pool", "gevent"], True),
+    (["-A", "proj", "worker", "-P", "threads"], False),
+    (["-A", "proj", "inspect", "active"], False),
+])
+def test_the_command_line_decides_the_patching(argv, wanted):
+    assert wants_gevent(argv) is wanted
+
+
+def test_unpatched_process_is_told_how_to_choose_gevent():
+    assert not is_patched()  # the test process itself is never patched
+    assert pool_class("gevent") is GeventPool
+    with pytest.raises(ConfigurationError, match="-P gevent"):
+        GeventPool(Celeriac("t", broker="memory://", environ={}), concurrency=2,
+                   hostname="h")
