@@ -286,3 +286,16 @@ def test_bad_messages_are_dead_lettered_with_a_reason(project: BrokerProject,
     assert "{not json" not in worker.log()
     assert app.transport.queue_size("celery") == 0
     assert sorted(r[1] for r in project.ledger("mark")) == ["'first'", "'second'"]
+
+
+# -- Footprint: pool children are forked before the broker's client library is loaded ----------
+def test_prefork_children_are_forked_before_the_broker_client_loads(
+        project: BrokerProject, start_worker: Callable[..., WorkerProcess]) -> None:
+    with open(project.path / "proj.py", "a") as module:
+        module.write("\n@app.task\ndef loaded(name):\n    import sys\n"
+                     "    return name in sys.modules, os.getpid()\n")
+    worker = start_worker("-c", "1")
+    app = project.app()
+    in_child, pid = app.send_task("proj.loaded", ("redis",)).get(timeout=20)
+    assert pid != worker.pid  # it ran in a pool child...
+    assert in_child is False  # ...which never needed redis-py: results go through the parent

@@ -296,15 +296,21 @@ class Worker:
             io.shutdown(wait=True)
 
     async def _serve(self, loop: asyncio.AbstractEventLoop, io: ThreadPoolExecutor) -> None:
-        await self._check_broker(loop, io)
-        if self.statedb is not None:
-            await loop.run_in_executor(io, self._load_statedb)
-        if not self.options.without_mingle:
-            await loop.run_in_executor(io, self._mingle)
+        # The pool starts first: prefork children forked before the broker's client library
+        # is loaded and connected stay smaller (they hand results to this process).
         self.pool = self.pool_cls(self.app, concurrency=self.concurrency,
                                   hostname=self.hostname, io=io, fork_guard=self.fork_guard,
                                   limits=self.pool_limits())
         await self.pool.start()
+        try:
+            await self._check_broker(loop, io)
+            if self.statedb is not None:
+                await loop.run_in_executor(io, self._load_statedb)
+            if not self.options.without_mingle:
+                await loop.run_in_executor(io, self._mingle)
+        except BaseException:
+            await self.pool.stop(cold=True)
+            raise
         self.consumer = Consumer(self.app, self.pool, hostname=self.hostname,
                                  queues=self.queues, prefetch_count=self.prefetch_count,
                                  io=io, state=self.state, events=self.events)
