@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import SoftTimeLimitExceeded
+from ..protocol import dumps
 from ..worker.execute import LOST, Job, Outcome, execute, revoked_outcome
 from .base import Pool, PoolLimits
 
@@ -185,9 +186,14 @@ def _child_main(app: Celeriac, sock: socket.socket, hostname: str, parent_pid: i
         soft, done = _SoftLimit(), 0
         results: list[dict[str, Any]] = []
 
+        serializer = app.conf.result_serializer
+
         def hand_over(meta: dict[str, Any], reply_to: str | None) -> None:
-            app.backend.encode(meta)  # raises here, in the task's process, if it can't be
-            results.append(meta)      # stored; the parent stores a batch in one round trip
+            # Serialized here, so a result that can't be stored fails in the task's process
+            # (as the store would encode it; without opening the store and loading its
+            # client library in every child); the parent stores a batch in one round trip.
+            dumps(meta, serializer)
+            results.append(meta)
 
         # Runs until the parent closes the socket: after reporting "retiring" (a limit was
         # reached) it still finishes the jobs already sent to it.
