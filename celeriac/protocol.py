@@ -129,6 +129,8 @@ def loads(body: bytes | str, content_type: str, accept: Sequence[str]) -> Any:
 
 def saferepr(value: Any, limit: int = _REPR_LIMIT) -> str:
     """A repr that is bounded in size and never raises."""
+    if not value and type(value) in (tuple, dict):  # no arguments: the common case, for free
+        return "()" if type(value) is tuple else "{}"
     try:
         text = _REPR.repr(value)
     except Exception:  # a broken __repr__ must not break sending

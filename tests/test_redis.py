@@ -7,6 +7,7 @@ it made, so tests share the server with each other and with anything else runnin
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -360,6 +361,30 @@ def test_acks_wait_out_a_lost_connection(broker: RedisTransport, raw: Any,
     monkeypatch.setattr(broker, "_eval_many", real)
     assert broker.renew("c1") == 0  # the ack went through first
     assert raw.xlen(broker.keys.queue("q").streams[0]) == 0
+
+
+def test_publish_survives_its_connection_being_killed(broker: RedisTransport,
+                                                     raw: Any) -> None:
+    """A publish goes over the thread's own connection; killed, the next publish reconnects."""
+    broker.publish("q", message(1))
+    own = broker._local.conn  # the connection publish() keeps for this thread
+    own.send_command("CLIENT", "ID")
+    assert raw.client_kill_filter(_id=own.read_response()) == 1
+    broker.publish("q", message(2))  # the dead socket fails; the client's retry sends it
+    broker.publish("q", message(3))  # and the thread's connection is live again
+    got = broker.fetch("c1", ["q"], 10, 0)
+    assert numbers(got) == [1, 2, 3]
+
+
+def test_publish_from_many_threads(broker: RedisTransport) -> None:
+    threads = [threading.Thread(target=lambda k=k: [broker.publish("q", message(k * 100 + i))
+                                                    for i in range(50)]) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    got = broker.fetch("c1", ["q"], 500, 0)
+    assert sorted(numbers(got)) == sorted(k * 100 + i for k in range(4) for i in range(50))
 
 
 def test_idle_consumers_are_forgotten(broker: RedisTransport, raw: Any) -> None:

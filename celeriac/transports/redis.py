@@ -145,11 +145,17 @@ class _RedisSubscription(Subscription):
 
 
 def close_quietly(*closeables: Any) -> None:
-    """Close clients (and lists of waiters); used by finalizers, so it never raises."""
+    """Close clients (and lists of waiters or connections); used by finalizers, so it never
+    raises."""
     for item in closeables:
         for one in item if isinstance(item, list) else [item]:
             try:
-                (one.client if isinstance(one, _Waiter) else one).close()
+                if isinstance(one, _Waiter):
+                    one.client.close()
+                elif hasattr(one, "close"):
+                    one.close()
+                else:  # a bare connection
+                    one.disconnect()
             except Exception:  # best effort: the owner is going away
                 pass
 
@@ -197,9 +203,11 @@ class RedisTransport(Transport):
         self._lock = threading.Lock()
         self._local = threading.local()
         self._waiters: list[_Waiter] = []
+        self._own: list[Any] = []  # each publishing thread's connection (see _command)
         # Closes our sockets when the transport is dropped unclosed, before a reference
         # cycle (app <-> backend) could finalize the sockets first and warn about them.
-        self._closer = weakref.finalize(self, close_quietly, self._client, self._waiters)
+        self._closer = weakref.finalize(self, close_quietly, self._client, self._waiters,
+                                        self._own)
         self._blocked: set[_Waiter] = set()
         self._wakeup = threading.Event()
         # The unsettled deliveries this process handed to each consumer: what renew extends.
@@ -261,10 +269,27 @@ class RedisTransport(Transport):
                 self._client.execute_command("ZADD", keys.delayed, repr(self.clock() + delay),
                                              K.delayed_member(priority, envelope))
             else:
-                self._client.execute_command("XADD", keys.streams[K.band_of(priority)], "*",
-                                             "m", envelope, "p", priority, "t", time.time_ns())
+                self._command("XADD", keys.streams[K.band_of(priority)], "*",
+                              "m", envelope, "p", priority, "t", time.time_ns())
         except RedisError as exc:
             raise self._failure(exc, f"publish to queue {queue!r}") from exc
+
+    def _command(self, *args: Any) -> Any:
+        """One command on this thread's own connection: the client's pool and retry
+        bookkeeping cost as much as a lone XADD's round trip. A connection that fails is
+        dropped (it reconnects on next use) and the command goes through the client, whose
+        retry policy reconnects; a command may then be sent twice (at least once)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._client.connection_pool.make_connection()
+            with self._lock:
+                self._own.append(conn)
+        try:
+            conn.send_command(*args)
+            return conn.read_response()
+        except (redis.ConnectionError, redis.TimeoutError):
+            conn.disconnect()
+            return self._client.execute_command(*args)
 
     def publish_many(self, items: Sequence[tuple[str, Message, int]]) -> None:
         if not items:
