@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from celeriac import Celeriac
 
@@ -36,6 +39,28 @@ class BrokerProject(Project):
         app = Celeriac("proj", broker=self.broker, backend=self.backend, environ={})
         app.conf.broker_eta_horizon = self.eta_horizon
         return self.keep(app)
+
+
+def project_on(request: pytest.FixtureRequest, base: Project, prefix: str) -> Iterator[Project]:
+    """For a fixture parametrized over "sqlite", "redis" and "amqp": ``base`` itself, or the
+    same directory on Redis / RabbitMQ under ``prefix``; closes its apps and removes the
+    broker's keys or queues afterwards."""
+    if request.param == "sqlite":
+        yield base
+        base.close()
+    elif request.param == "redis":
+        server = request.getfixturevalue("redis_server")
+        on_redis = redis_project(base.path, server, prefix)
+        yield on_redis
+        on_redis.close()
+        for db in (0, 1):
+            drop_redis_keys(f"{server.rstrip('/')}/{db}", prefix)
+    else:
+        server = request.getfixturevalue("amqp_server")
+        on_amqp = amqp_project(base.path, server, prefix)
+        yield on_amqp
+        on_amqp.close()
+        sweep_amqp(server, prefix)
 
 
 def redis_project(path: Path, server: str, prefix: str) -> BrokerProject:

@@ -15,7 +15,7 @@ from celeriac.canvas import Signature
 from celeriac.control.mailbox import CONTROL_CHANNEL
 from celeriac.exceptions import TaskRevokedError
 
-from .brokers import amqp_project, drop_redis_keys, redis_project, sweep_amqp
+from .brokers import project_on
 from .conftest import make_project, wait_for
 
 CUSTOM = '''
@@ -31,24 +31,7 @@ def increase_prefetch_count(state, n=1):
 @pytest.fixture(params=["sqlite", "redis", "amqp"])
 def project(request, tmp_path):
     """The shared project on each broker: SQLite, Redis, RabbitMQ (``rpc://`` results)."""
-    base = make_project(tmp_path)
-    prefix = f"ctl-{uuid.uuid4().hex[:10]}."
-    if request.param == "sqlite":
-        yield base
-        base.close()
-    elif request.param == "redis":
-        server = request.getfixturevalue("redis_server")
-        on_redis = redis_project(tmp_path, server, prefix)
-        yield on_redis
-        on_redis.close()
-        for db in (0, 1):
-            drop_redis_keys(f"{server.rstrip('/')}/{db}", prefix)
-    else:
-        server = request.getfixturevalue("amqp_server")
-        on_amqp = amqp_project(tmp_path, server, prefix)
-        yield on_amqp
-        on_amqp.close()
-        sweep_amqp(server, prefix)
+    yield from project_on(request, make_project(tmp_path), f"ctl-{uuid.uuid4().hex[:10]}.")
 
 
 def transport_name(project) -> str:

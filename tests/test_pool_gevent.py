@@ -12,7 +12,7 @@ from celeriac.greenlets import is_patched, wants_gevent
 from celeriac.pools import pool_class
 from celeriac.pools.gevent import GeventPool
 
-from .brokers import amqp_project, drop_redis_keys, redis_project, sweep_amqp
+from .brokers import project_on
 from .conftest import make_project, wait_for
 
 pytest.importorskip("gevent", reason="the gevent extra is part of [dev]")
@@ -65,23 +65,7 @@ def project(request, tmp_path):
     base = make_project(tmp_path)
     with open(tmp_path / "proj.py", "a") as module:
         module.write(GEVENT_TASKS)
-    prefix = f"gev-{uuid.uuid4().hex[:10]}."
-    if request.param == "sqlite":
-        yield base
-        base.close()
-    elif request.param == "redis":
-        server = request.getfixturevalue("redis_server")
-        on_redis = redis_project(tmp_path, server, prefix)
-        yield on_redis
-        on_redis.close()
-        for db in (0, 1):
-            drop_redis_keys(f"{server.rstrip('/')}/{db}", prefix)
-    else:
-        server = request.getfixturevalue("amqp_server")
-        on_amqp = amqp_project(tmp_path, server, prefix)
-        yield on_amqp
-        on_amqp.close()
-        sweep_amqp(server, prefix)
+    yield from project_on(request, base, f"gev-{uuid.uuid4().hex[:10]}.")
 
 
 @pytest.fixture
