@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from ..app import Celeriac
     from ..worker.execute import Job, Outcome
 
-__all__ = ["Pool", "PoolLimits", "raise_in_thread"]
+__all__ = ["Pool", "PoolLimits", "arm_time_limits", "raise_in_thread"]
 
 
 def raise_in_thread(ident: int, exc: type[BaseException] | None) -> bool:
@@ -31,6 +31,19 @@ def raise_in_thread(ident: int, exc: type[BaseException] | None) -> bool:
     done = ctypes.pythonapi.PyThreadState_SetAsyncExc(
         ctypes.c_ulong(ident), None if exc is None else ctypes.py_object(exc))
     return int(done) == 1
+
+
+def arm_time_limits(loop: asyncio.AbstractEventLoop, job: Job,
+                    on_soft: Callable[[], object], on_hard: Callable[[], object],
+                    ) -> list[asyncio.TimerHandle]:
+    """Timers that call ``on_soft``/``on_hard`` when ``job``'s soft/hard limit is reached
+    (none for a limit it does not have); a pool cancels them when the job ends."""
+    timers = []
+    if job.soft_time_limit:
+        timers.append(loop.call_later(job.soft_time_limit, on_soft))
+    if job.time_limit:
+        timers.append(loop.call_later(job.time_limit, on_hard))
+    return timers
 
 
 @dataclass(frozen=True)

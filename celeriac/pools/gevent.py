@@ -24,7 +24,7 @@ from ..exceptions import (
 )
 from ..greenlets import is_patched
 from ..worker.execute import LOST, Job, Outcome, execute
-from .base import Pool
+from .base import Pool, arm_time_limits
 
 if TYPE_CHECKING:
     from ..app import Celeriac
@@ -63,12 +63,9 @@ class GeventPool(Pool):
         future: asyncio.Future[Outcome] = self._loop.create_future()
         self._busy += 1
         self._running[job.job_id] = gevent.spawn(self._run, job, future)
-        timers = []
-        if job.soft_time_limit:
-            timers.append(self._loop.call_later(job.soft_time_limit, self._throw, job.job_id,
-                                                SoftTimeLimitExceeded))
-        if job.time_limit:
-            timers.append(self._loop.call_later(job.time_limit, self._hard_limit, job, future))
+        timers = arm_time_limits(self._loop, job,
+                                 lambda: self._throw(job.job_id, SoftTimeLimitExceeded),
+                                 lambda: self._hard_limit(job, future))
         if timers:
             self._timers[job.job_id] = timers
         return future

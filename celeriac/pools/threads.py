@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..exceptions import SoftTimeLimitExceeded, TaskRevokedError
 from ..worker.execute import LOST, Job, Outcome, execute
-from .base import Pool, raise_in_thread
+from .base import Pool, arm_time_limits, raise_in_thread
 
 if TYPE_CHECKING:
     from ..app import Celeriac
@@ -89,11 +89,8 @@ class ThreadPool(Pool):
         assert self._loop is not None, "pool not started"
         future: asyncio.Future[Outcome] = self._loop.create_future()
         self._busy += 1
-        timers = []
-        if job.soft_time_limit:
-            timers.append(self._loop.call_later(job.soft_time_limit, self._soft_limit, job))
-        if job.time_limit:
-            timers.append(self._loop.call_later(job.time_limit, self._hard_limit, job, future))
+        timers = arm_time_limits(self._loop, job, lambda: self._soft_limit(job),
+                                 lambda: self._hard_limit(job, future))
         if timers:
             self._timers[job.job_id] = timers
         self._jobs.put((job, future))
