@@ -365,9 +365,10 @@ def test_acks_wait_out_a_lost_connection(broker: RedisTransport, raw: Any,
 
 def test_publish_survives_its_connection_being_killed(broker: RedisTransport,
                                                      raw: Any) -> None:
-    """A publish goes over the thread's own connection; killed, the next publish reconnects."""
+    """A publish goes over a connection of the transport's own; killed, the next publish
+    reconnects."""
     broker.publish("q", message(1))
-    own = broker._local.conn  # the connection publish() keeps for this thread
+    [own] = broker._idle  # the connection publish() keeps between calls
     own.send_command("CLIENT", "ID")
     assert raw.client_kill_filter(_id=own.read_response()) == 1
     broker.publish("q", message(2))  # the dead socket fails; the client's retry sends it
@@ -385,6 +386,22 @@ def test_publish_from_many_threads(broker: RedisTransport) -> None:
         thread.join(10)
     got = broker.fetch("c1", ["q"], 500, 0)
     assert sorted(numbers(got)) == sorted(k * 100 + i for k in range(4) for i in range(50))
+
+
+def test_publishing_threads_do_not_each_keep_a_connection(broker: RedisTransport,
+                                                          raw: Any) -> None:
+    """Short-lived threads (or greenlets) that publish leave at most a few connections."""
+    def connections() -> int:
+        return int(raw.info("clients")["connected_clients"])
+
+    broker.publish("q", message(0))
+    before = connections()
+    for k in range(40):
+        thread = threading.Thread(target=broker.publish, args=("q", message(k + 1)))
+        thread.start()
+        thread.join(10)
+    assert connections() <= before + 1
+    assert broker.queue_size("q") == 41
 
 
 def test_idle_consumers_are_forgotten(broker: RedisTransport, raw: Any) -> None:

@@ -51,6 +51,8 @@ _SLICE = 0.1
 """Longest single blocking read while a fetch waits (seconds); the fetch script runs after
 each, so other producers' delayed messages and ended leases are noticed within one."""
 _JANITOR_EVERY = 300.0
+_IDLE_CONNECTIONS = 8
+"""Publishing connections kept open between calls (see ``RedisTransport._command``)."""
 # -- the pieces of the transport -----------------------------------------------------------------
 Call = tuple[K.Script, Sequence[str], Sequence[Any]]
 
@@ -203,11 +205,11 @@ class RedisTransport(Transport):
         self._lock = threading.Lock()
         self._local = threading.local()
         self._waiters: list[_Waiter] = []
-        self._own: list[Any] = []  # each publishing thread's connection (see _command)
+        self._idle: list[Any] = []  # connections of our own for publishing (see _command)
         # Closes our sockets when the transport is dropped unclosed, before a reference
         # cycle (app <-> backend) could finalize the sockets first and warn about them.
         self._closer = weakref.finalize(self, close_quietly, self._client, self._waiters,
-                                        self._own)
+                                        self._idle)
         self._blocked: set[_Waiter] = set()
         self._wakeup = threading.Event()
         # The unsettled deliveries this process handed to each consumer: what renew extends.
@@ -275,21 +277,32 @@ class RedisTransport(Transport):
             raise self._failure(exc, f"publish to queue {queue!r}") from exc
 
     def _command(self, *args: Any) -> Any:
-        """One command on this thread's own connection: the client's pool and retry
-        bookkeeping cost as much as a lone XADD's round trip. A connection that fails is
-        dropped (it reconnects on next use) and the command goes through the client, whose
-        retry policy reconnects; a command may then be sent twice (at least once)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self._client.connection_pool.make_connection()
-            with self._lock:
-                self._own.append(conn)
+        """One command on a connection of our own: the client's pool and retry bookkeeping
+        cost as much as a lone XADD's round trip. Idle connections wait in a short list
+        (any thread, or greenlet, takes one; at most ``_IDLE_CONNECTIONS`` are kept). A
+        connection that fails is dropped (it reconnects on next use) and the command goes
+        through the client, whose retry policy reconnects; it may then be sent twice (at
+        least once)."""
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            conn = self._client.connection_pool.make_connection()
         try:
             conn.send_command(*args)
             return conn.read_response()
         except (redis.ConnectionError, redis.TimeoutError):
             conn.disconnect()
             return self._client.execute_command(*args)
+        except redis.ResponseError:
+            raise  # an error reply: the connection is fine
+        except BaseException:
+            conn.disconnect()  # interrupted mid-command: its reply must not reach the next
+            raise
+        finally:
+            if len(self._idle) < _IDLE_CONNECTIONS:
+                self._idle.append(conn)
+            else:
+                conn.disconnect()
 
     def publish_many(self, items: Sequence[tuple[str, Message, int]]) -> None:
         if not items:
