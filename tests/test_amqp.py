@@ -474,8 +474,87 @@ def test_after_fork_abandons_the_parents_connection(amqp: AMQPTransport) -> None
     assert numbers(amqp.fetch("c1", ["q"], 1, 0)) == [1]
     assert amqp._ensure().io is not parent_io
     [parent] = amqp._abandoned  # in a real child it is simply gone; here, close it
+    parent.publishers.close()
     parent.io.call(parent.link.close())
     parent.io.stop()
+
+
+# -- publishing from the caller's thread (amqp_io.Publisher) ----------------------------------
+def _no_io_thread_publish(amqp: AMQPTransport, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on a publish through the I/O thread fails the test."""
+    def through_the_io_thread(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("published through the I/O thread")
+
+    monkeypatch.setattr(amqp._ensure().link, "publish_to_queue", through_the_io_thread)
+
+
+def test_publishes_to_a_declared_queue_go_direct_and_arrive_intact(
+        amqp: AMQPTransport, monkeypatch: pytest.MonkeyPatch) -> None:
+    amqp.publish("q", message(1))  # declares the queue, through the I/O thread
+    _no_io_thread_publish(amqp, monkeypatch)
+    sent = Message(body=b"[[], {}, {}]", headers={
+        "id": "t-2", "task": "x.y", "n": 2, "f": 0.1, "big": 2**40, "neg": -3, "t": True,
+        "none": None, "timelimit": [None, 2.5], "d": {"k": {"j": "\u00fc"}}},
+        properties={"correlation_id": "t-2", "reply_to": "r", "custom": "kept",
+                    "delivery_mode": 2})
+    amqp.publish("q", sent, priority=7)
+    amqp.publish("q", message(3, body=b"x" * 300_000))  # more than one body frame
+    got = amqp.fetch("c1", ["q"], 3, 0)
+    assert [d.message for d in got] == [sent, message(1), message(3, body=b"x" * 300_000)]
+    assert got[0].priority == 7
+    amqp.ack([d.tag for d in got])
+
+
+def test_a_queue_deleted_behind_the_direct_publisher_is_declared_again(
+        amqp: AMQPTransport, amqp_server: str, prefix: str) -> None:
+    import aiormq
+
+    amqp.publish("q", message(1))
+    amqp.publish("q", message(2))  # direct: the publisher now knows the queue
+
+    async def delete() -> None:
+        conn = await aiormq.connect(amqp_server)
+        channel = await conn.channel()
+        await channel.queue_delete(f"{prefix}q")
+        await conn.close()
+
+    asyncio.run(delete())
+    amqp.publish("q", message(3))  # returned unroutable, then declared and sent again
+    assert numbers(amqp.fetch("c1", ["q"], 5, 0)) == [3]
+
+
+def test_a_direct_publisher_the_broker_closed_hands_over_to_the_io_thread(
+        amqp: AMQPTransport) -> None:
+    amqp.publish("q", message(1))
+    amqp.publish("q", message(2))
+    pool = amqp._ensure().publishers
+    [pub] = pool._idle
+    assert pub.sock is not None
+    port = pub.sock.getsockname()[1]
+    listed = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "peer_port",
+                             "--no-table-headers"], capture_output=True, text=True,
+                            timeout=60, check=True).stdout
+    [pid] = [line.split()[0] for line in listed.splitlines() if line.split()[1:] == [str(port)]]
+    subprocess.run(["rabbitmqctl", "-q", "close_connection", pid, "test"], check=True,
+                   capture_output=True, timeout=60)
+    amqp.publish("q", message(3))  # unsure on that connection: sent through the I/O thread
+    amqp.publish("q", message(4))  # and direct again, on a new connection
+    assert pool._idle and pool._idle[0] is not pub
+    assert sorted(numbers(amqp.fetch("c1", ["q"], 10, 0))) == [1, 2, 3, 4]
+
+
+def test_an_idle_direct_publisher_is_replaced_after_a_heartbeat_interval(
+        make_transport: Factory) -> None:
+    amqp = make_transport(clock=time.time, heartbeat=1)
+    assert isinstance(amqp, AMQPTransport)
+    amqp.publish("q", message(1))
+    amqp.publish("q", message(2))
+    pool = amqp._ensure().publishers
+    [first] = pool._idle
+    time.sleep(1.1)
+    amqp.publish("q", message(3))
+    assert pool._idle[0] is not first and first.sock is None
+    assert numbers(amqp.fetch("c1", ["q"], 10, 0)) == [1, 2, 3]
 
 
 def test_without_aiormq_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

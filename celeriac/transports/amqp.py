@@ -10,6 +10,13 @@ out twice, and one acked in between is acked on arrival.
 
 How the contract maps onto the broker:
 
+* ``publish`` to a queue this handle has declared writes the message and reads the
+  broker's confirm in the calling thread, on a small connection of its own
+  (:class:`~celeriac.transports.amqp_io.Publisher`; ``amqp://`` only, not ``amqps://``):
+  the hop to the I/O thread and back cost as much as the confirm. Anything unusual on it
+  (no connection free, a lost connection, a returned message) sends the message through
+  the I/O thread instead, which declares again or waits for the broker as usual.
+
 * ``fetch`` with a timeout consumes (``basic.consume``) into a local buffer, with a prefetch
   of what the handle holds plus ``limit`` (a worker: its prefetch count plus the ETA tasks
   it holds), changed when that grows or halves; with ``timeout=0`` it takes what
@@ -71,6 +78,7 @@ from .amqp_io import (
     IOThread,
     Link,
     Listener,
+    PublisherPool,
     Settings,
     properties,
     read_message,
@@ -140,6 +148,7 @@ class _State:
         self.boxes: dict[str, _Box] = {}
         self.woken = False
         self.io = IOThread()
+        self.publishers = PublisherPool(transport.settings)
         self.link = Link(transport.settings, on_ready=lambda: transport._on_ready(self),
                          on_lost=lambda: transport._on_lost(self))
         self.setup = asyncio.Lock()
@@ -313,8 +322,32 @@ class AMQPTransport(Transport):
         props, wire = properties(message, priority), self._name(queue)
         if delay > 0:
             self._call(st, st.link.publish_delayed(wire, message.body, props, delay))
-        else:
+        elif not self._publish_direct(st, wire, message.body, props):
             self._call(st, st.link.publish_to_queue(wire, message.body, props))
+
+    def _publish_direct(self, st: _State, wire: str, body: bytes, props: Any) -> bool:
+        """Publish from this thread on a connection of its own (see :class:`Publisher`).
+
+        Only to a queue the link has declared, while it is connected; ``False`` when it was
+        not done (no publisher free, or the broker's answer left it unsure): the caller
+        publishes through the I/O thread, which declares again or waits for the broker.
+        """
+        if self.settings.ssl or wire not in st.link.declared or not st.link.up:
+            return False
+        pub = st.publishers.take()
+        if pub is None:
+            return False
+        try:
+            pub.publish(wire, body, props)
+        except amqp_io.Unroutable:  # the queue is gone: declared again by the I/O thread
+            with contextlib.suppress(RuntimeError):  # (a closed loop: the I/O path says so)
+                st.io.loop.call_soon_threadsafe(st.link.forget_declared)
+            return False
+        except amqp_io.Unsure:
+            return False
+        finally:
+            st.publishers.give(pub)
+        return True
 
     def publish_many(self, items: Sequence[tuple[str, Message, int]]) -> None:
         if not items:
@@ -798,6 +831,7 @@ class AMQPTransport(Transport):
         st, self._state = self._state, None
         if st is None or st.pid != os.getpid():
             return
+        st.publishers.close()
         with contextlib.suppress(Exception):
             st.io.call(st.link.close(), timeout=15)
         st.io.stop()
