@@ -201,10 +201,23 @@ class Settings:
 
 # -- the wire format ------------------------------------------------------------------------
 
+_KEYS: dict[str, bytes] = {}  # header names, encoded: the same few on every message
+_NULL = b"V"
+
+
+def _key(key: Any) -> bytes:
+    encoded = _KEYS.get(key)
+    if encoded is None:
+        encoded = pamqp_encode.short_string(str(key))
+        if len(_KEYS) < 4096 and isinstance(key, str):
+            _KEYS[key] = encoded
+    return encoded
+
+
 def _table(value: Mapping[str, Any]) -> bytes:
     out = []
     for key, item in value.items():
-        out.append(pamqp_encode.short_string(str(key)))
+        out.append(_key(key))
         out.append(_value(item))
     data = b"".join(out)
     return struct.pack(">I", len(data)) + data
@@ -212,6 +225,11 @@ def _table(value: Mapping[str, Any]) -> bytes:
 
 def _value(item: Any) -> bytes:
     """One header value: like pamqp's, except that floats are doubles, as in py-amqp."""
+    if item is None:
+        return _NULL
+    if type(item) is str:  # the usual case first, without pamqp's checks
+        data = item.encode()
+        return b"S" + struct.pack(">I", len(data)) + data
     if isinstance(item, bool):
         return b"t" + pamqp_encode.boolean(item)
     if isinstance(item, int):
