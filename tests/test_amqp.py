@@ -479,7 +479,7 @@ def test_after_fork_abandons_the_parents_connection(amqp: AMQPTransport) -> None
     parent.io.stop()
 
 
-# -- publishing from the caller's thread (amqp_io.Publisher) ----------------------------------
+# -- publishing from the caller's thread (amqp_publish.Publisher) -------------------------------
 def _no_io_thread_publish(amqp: AMQPTransport, monkeypatch: pytest.MonkeyPatch) -> None:
     """From now on a publish through the I/O thread fails the test."""
     def through_the_io_thread(*args: Any, **kwargs: Any) -> Any:

@@ -12,7 +12,7 @@ How the contract maps onto the broker:
 
 * ``publish`` to a queue this handle has declared writes the message and reads the
   broker's confirm in the calling thread, on a small connection of its own
-  (:class:`~celeriac.transports.amqp_io.Publisher`; ``amqp://`` only, not ``amqps://``):
+  (:class:`~celeriac.transports.amqp_publish.Publisher`; ``amqp://`` only, not ``amqps://``):
   the hop to the I/O thread and back cost as much as the confirm. Anything unusual on it
   (no connection free, a lost connection, a returned message) sends the message through
   the I/O thread instead, which declares again or waits for the broker as usual.
@@ -69,7 +69,7 @@ from typing import Any
 
 from ..exceptions import TransportError
 from ..protocol import Message
-from . import amqp_io
+from . import amqp_io, amqp_publish
 from .amqp_io import (
     H_DEAD_AT,
     H_DELIVERIES,
@@ -78,7 +78,6 @@ from .amqp_io import (
     IOThread,
     Link,
     Listener,
-    PublisherPool,
     Settings,
     properties,
     read_message,
@@ -148,7 +147,7 @@ class _State:
         self.boxes: dict[str, _Box] = {}
         self.woken = False
         self.io = IOThread()
-        self.publishers = PublisherPool(transport.settings)
+        self.publishers = amqp_publish.PublisherPool(transport.settings)
         self.link = Link(transport.settings, on_ready=lambda: transport._on_ready(self),
                          on_lost=lambda: transport._on_lost(self))
         self.setup = asyncio.Lock()
@@ -339,11 +338,11 @@ class AMQPTransport(Transport):
             return False
         try:
             pub.publish(wire, body, props)
-        except amqp_io.Unroutable:  # the queue is gone: declared again by the I/O thread
+        except amqp_publish.Unroutable:  # the queue is gone: declared again by the I/O thread
             with contextlib.suppress(RuntimeError):  # (a closed loop: the I/O path says so)
                 st.io.loop.call_soon_threadsafe(st.link.forget_declared)
             return False
-        except amqp_io.Unsure:
+        except amqp_publish.Unsure:
             return False
         finally:
             st.publishers.give(pub)
