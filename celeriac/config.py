@@ -55,7 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "worker_concurrency": None,
     "worker_prefetch_multiplier": 4,
     "worker_max_tasks_per_child": None,
-    "worker_pool_pipeline": 1,
+    "worker_pool_pipeline": 0,  # prefork jobs per process: 0 adaptive, 1 fair, N fixed
     "worker_max_memory_per_child": None,
     "worker_disable_rate_limits": False,
     "worker_pool_restarts": False,

@@ -66,11 +66,14 @@ def _split(values: tuple[str, ...]) -> list[str]:
               help="Replace a pool process after a task leaves it using more than this many "
                    "KiB of resident memory.")
 @click.option("-O", "optimization", type=click.Choice(["fair", "fast"]), default=None,
-              help="fair (default): a prefork process gets a task only when idle. fast: up "
-                   "to 4 tasks are sent ahead to each process - higher throughput for short "
-                   "tasks, but a task can wait behind a long one, and tasks already sent "
-                   "ahead are acknowledged, so a warm shutdown runs them instead of "
-                   "returning them to the queue.")
+              help="How many tasks a prefork process may hold. Default (adaptive): one, "
+                   "plus up to 3 queued behind it only while all of them are of task types "
+                   "whose recent runs took under 1 ms, so floods of tiny tasks are "
+                   "pipelined and a task of a slow type never has others waiting behind "
+                   "it. fair: a process gets a task only when idle. fast: up to 4 tasks are "
+                   "sent ahead to each process whatever they are - a task can wait behind a "
+                   "long one. Tasks sent ahead are acknowledged, so a warm shutdown runs "
+                   "them instead of returning them to the queue.")
 @click.option("--autoscale", default=None, metavar="MAX,MIN",
               help="Grow the pool up to MAX processes while tasks wait; shrink to MIN when "
                    "idle. Example: --autoscale=10,3")

@@ -57,8 +57,9 @@ class PoolLimits:
     max_tasks_per_child: int | None = None
     max_memory_per_child: int | None = None
     child_setup: Callable[[int], None] | None = None
-    #: jobs sent ahead to each prefork process (1: only idle processes get work, "fair")
-    pipeline: int = 1
+    #: jobs a prefork process may hold: 1 only idle processes get work ("fair"), N > 1 up to N
+    #: each ("fast"), 0 adaptive: several only while they are all of recently short task types
+    pipeline: int = 0
 
 
 class Pool(abc.ABC):

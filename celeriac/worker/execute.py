@@ -51,6 +51,19 @@ class Job:
     time_limit: float | None = None
     soft_time_limit: float | None = None
 
+    def to_tuple(self) -> tuple[Any, ...]:
+        """The fields in order, for crossing a process boundary: ``Job(*t)`` rebuilds it.
+
+        Plain tuples pickle in C; a slots dataclass pickles through dataclasses' slow
+        pure-Python ``__getstate__``/``__setstate__``.
+        """
+        return (self.job_id, self.task_id, self.name, self.body, self.content_type,
+                self.content_encoding, self.headers, self.delivery_info, self.reply_to,
+                self.time_limit, self.soft_time_limit)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return Job, self.to_tuple()
+
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
@@ -66,6 +79,14 @@ class Outcome:
     timed_out: bool = False
     #: result metas the worker's main process stores (prefork children hand them over)
     results: tuple[dict[str, Any], ...] = ()
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        """The fields in order, for crossing a process boundary: ``Outcome(*t)`` rebuilds it."""
+        return (self.job_id, self.task_id, self.state, self.runtime, self.summary, self.pid,
+                self.reject_reason, self.timed_out, self.results)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return Outcome, self.to_tuple()
 
 
 class ResultEncodeError(TaskError):
