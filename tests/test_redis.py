@@ -368,7 +368,7 @@ def test_publish_survives_its_connection_being_killed(broker: RedisTransport,
     """A publish goes over a connection of the transport's own; killed, the next publish
     reconnects."""
     broker.publish("q", message(1))
-    [own] = broker._idle  # the connection publish() keeps between calls
+    [own] = broker._raw.idle  # the connection publish() keeps between calls
     own.send_command("CLIENT", "ID")
     assert raw.client_kill_filter(_id=own.read_response()) == 1
     broker.publish("q", message(2))  # the dead socket fails; the client's retry sends it
