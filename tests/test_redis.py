@@ -337,6 +337,18 @@ def test_wake_ends_a_blocked_fetch_promptly(url: str, raw: Any) -> None:
         transport.close()
 
 
+def test_publish_many_keeps_order_across_chunks_and_bands(broker: RedisTransport) -> None:
+    """publish_many adds entries by script, a chunk of messages per call: more than one
+    chunk, on two bands, still comes out highest band first, in publishing order."""
+    items = [("q", message(n), 9 if n % 3 == 0 else 0) for n in range(2300)]
+    broker.publish_many(items)
+    got = broker.fetch("c1", ["q"], 3000, 0)
+    assert numbers(got) == ([n for n in range(2300) if n % 3 == 0]
+                            + [n for n in range(2300) if n % 3])
+    assert {d.priority for d in got[:767]} == {9}
+    broker.ack([d.tag for d in got])
+
+
 def test_purge_in_chunks_and_sizes_count_requeued(broker: RedisTransport) -> None:
     broker.publish_many([("q", message(n), n % 10) for n in range(2500)])
     got = broker.fetch("c1", ["q"], 10, 0)

@@ -51,6 +51,8 @@ _SLICE = 0.1
 """Longest single blocking read while a fetch waits (seconds); the fetch script runs after
 each, so other producers' delayed messages and ended leases are noticed within one."""
 _JANITOR_EVERY = 300.0
+_PUBLISH_CHUNK = 1000
+"""Messages per script call in ``publish_many`` (the server is busy for a few ms each)."""
 _IDLE_CONNECTIONS = 8
 """Connections of our own kept open between hot-path calls (see ``RawCalls``)."""
 # -- the pieces of the transport -----------------------------------------------------------------
@@ -271,18 +273,26 @@ class RedisTransport(Transport):
             raise self._failure(exc, f"publish to queue {queue!r}") from exc
 
     def publish_many(self, items: Sequence[tuple[str, Message, int]]) -> None:
+        """One script call per stream and chunk (``_PUBLISH_CHUNK``), all in one round
+        trip: the server adds the entries in a loop instead of answering each XADD."""
         if not items:
             return
         ns = time.time_ns()
-        commands = []
+        streams: dict[tuple[str, int], list[Any]] = {}
         for i, (queue, message, priority) in enumerate(items):
             priority = min(max(int(priority or 0), 0), 9)
-            commands.append(("XADD", self.keys.queue(queue).streams[K.band_of(priority)], "*",
-                             "m", message.to_envelope(), "p", priority, "t", ns + i))
+            args = streams.get((queue, priority))
+            if args is None:
+                args = streams[(queue, priority)] = []
+            args += (ns + i, message.to_envelope())
+        calls: list[Call] = []
+        for (queue, priority), args in streams.items():
+            stream = self.keys.queue(queue).streams[K.band_of(priority)]
+            for start in range(0, len(args), 2 * _PUBLISH_CHUNK):
+                calls.append((K.PUBLISH_MANY, [stream],
+                              [priority, *args[start:start + 2 * _PUBLISH_CHUNK]]))
         try:
-            for reply in self._raw.run(commands):
-                if isinstance(reply, Exception):
-                    raise reply
+            self._eval_many(calls)
         except RedisError as exc:
             raise self._failure(exc, f"publish {len(items)} messages") from exc
 
