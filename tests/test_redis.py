@@ -349,6 +349,28 @@ def test_publish_many_keeps_order_across_chunks_and_bands(broker: RedisTransport
     broker.ack([d.tag for d in got])
 
 
+def test_many_threads_store_results_on_a_small_connection_pool(make_backend_) -> None:
+    """Results go over connections of the backend's own, which neither count against nor
+    exhaust the client's pool (threads -c 100 stores from every thread)."""
+    backend = make_backend_(time.time, options={"max_connections": 2})
+    errors: list[BaseException] = []
+
+    def store(k: int) -> None:
+        try:
+            for i in range(20):
+                backend.store(make_meta(f"t{k}-{i}", states.SUCCESS, i))
+        except BaseException as exc:  # collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=store, args=(k,)) for k in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    assert backend.get("t39-19")["result"] == 19
+
+
 def test_purge_in_chunks_and_sizes_count_requeued(broker: RedisTransport) -> None:
     broker.publish_many([("q", message(n), n % 10) for n in range(2500)])
     got = broker.fetch("c1", ["q"], 10, 0)

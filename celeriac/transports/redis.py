@@ -53,7 +53,7 @@ each, so other producers' delayed messages and ended leases are noticed within o
 _JANITOR_EVERY = 300.0
 _PUBLISH_CHUNK = 1000
 """Messages per script call in ``publish_many`` (the server is busy for a few ms each)."""
-_IDLE_CONNECTIONS = 8
+_IDLE_CONNECTIONS = 32
 """Connections of our own kept open between hot-path calls (see ``RawCalls``)."""
 # -- the pieces of the transport -----------------------------------------------------------------
 Call = tuple[K.Script, Sequence[str], Sequence[Any]]

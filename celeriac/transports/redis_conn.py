@@ -89,7 +89,7 @@ class RawCalls:
     commands that may run twice (at least once) belong here.
     """
 
-    def __init__(self, client: redis.Redis, keep: int = 8) -> None:
+    def __init__(self, client: redis.Redis, keep: int = 32) -> None:
         self.client = client
         self.keep = keep
         self.idle: list[Any] = []
@@ -98,8 +98,9 @@ class RawCalls:
         """The replies in order; an error reply is returned as its exception, not raised."""
         try:
             conn = self.idle.pop()
-        except IndexError:
-            conn = self.client.connection_pool.make_connection()
+        except IndexError:  # made outside the client's pool: its count is for its own
+            pool = self.client.connection_pool
+            conn = pool.connection_class(**pool.connection_kwargs)
         try:
             conn.send_packed_command(conn.pack_commands(commands))
             replies = []
