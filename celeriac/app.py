@@ -4,6 +4,7 @@ backend connections of this process."""
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import datetime as dt
 import importlib
 import logging
@@ -293,11 +294,21 @@ class Celeriac:
 
     def send_many(self, signatures: Iterable[Signature], *,
                   group_id: str | None = None) -> GroupResult:
-        """Queue many tasks in one round trip; returns their results as a group."""
+        """Queue many tasks in one round trip; returns their results as a group.
+
+        A run of identical calls (same task and options, no arguments or the very same
+        argument objects) is built once and rebadged with a fresh id for each."""
         batch: list[tuple[str, protocol.Message, int]] = []
         results = []
         default_queue = self.conf.task_default_queue
+        last: tuple[Signature, str, protocol.Message, int] | None = None  # to rebadge
+        ids = protocol.fresh_ids()
         for sig in signatures:
+            if last is not None and _same_call(sig, last[0]):
+                task_id = next(ids)
+                batch.append((last[1], last[2].with_id(task_id), last[3]))
+                results.append(AsyncResult(task_id, self))
+                continue
             task = self.tasks.get(sig.task)
             options = dict(sig.options)
             queue = options.pop("queue", None) or (task.queue if task else None) or default_queue
@@ -308,8 +319,14 @@ class Celeriac:
                 options.setdefault("serializer", task.serializer)
             message = self.build_message(sig.task, sig.args, sig.kwargs, group_id=group_id,
                                          **options)
-            batch.append((queue, message, int(options.get("priority") or 0)))
+            priority = int(options.get("priority") or 0)
+            batch.append((queue, message, priority))
             results.append(AsyncResult(message.headers["id"], self))
+            if "task_id" in sig.options:
+                last = None
+            else:  # encoded once, for the copies
+                last = (sig, queue, dataclasses.replace(message, envelope=message.to_envelope()),
+                        priority)
         self.transport.publish_many(batch)
         return GroupResult(group_id or str(uuid.uuid4()), results, self)
 
@@ -319,3 +336,14 @@ class Celeriac:
     def GroupResult(self, group_id: str,
                     results: Sequence[_result.AsyncResult]) -> GroupResult:
         return GroupResult(group_id, results, self)
+
+
+def _same_call(sig: Signature, other: Signature) -> bool:
+    """Whether ``sig`` makes the same message as ``other`` but for its id. Arguments count as
+    the same only when both have none or they are the very same objects (``1 == 1.0 ==
+    True`` would serialize differently)."""
+    if sig.task != other.task or sig.options != other.options:
+        return False
+    if not (sig.args or sig.kwargs or other.args or other.kwargs):
+        return True
+    return sig.args is other.args and sig.kwargs is other.kwargs

@@ -16,7 +16,7 @@ import pickle
 import reprlib
 import socket
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -138,6 +138,18 @@ def saferepr(value: Any, limit: int = _REPR_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def fresh_ids(batch: int = 256) -> Iterator[str]:
+    """Random (version 4) UUID strings without end, as ``str(uuid.uuid4())`` makes them, but
+    from one read of randomness per ``batch`` and formatted by hand: for bulk sends."""
+    while True:
+        raw = bytearray(os.urandom(16 * batch))
+        for i in range(0, len(raw), 16):
+            raw[i + 6] = (raw[i + 6] & 0x0F) | 0x40  # version 4
+            raw[i + 8] = (raw[i + 8] & 0x3F) | 0x80  # RFC 4122 variant
+            h = raw[i:i + 16].hex()
+            yield f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 # -- messages ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -149,9 +161,29 @@ class Message:
     content_type: str = JSON
     content_encoding: str = "utf-8"
     properties: Mapping[str, Any] = field(default_factory=dict)
+    #: the envelope already made, when this message was rebadged from another (:meth:`with_id`)
+    envelope: bytes | None = field(default=None, compare=False, repr=False)
+
+    def with_id(self, task_id: str) -> Message:
+        """This same call under another task id (a batch of identical calls is built once).
+
+        The id is a fresh random UUID wherever it appears (``id``, a ``root_id`` equal to it,
+        ``correlation_id``), so the envelope is rebadged by replacing its text."""
+        old = self.headers["id"]
+        headers = {**self.headers, "id": task_id}
+        if headers.get("root_id") == old:
+            headers["root_id"] = task_id
+        properties = {**self.properties}
+        if properties.get("correlation_id") == old:
+            properties["correlation_id"] = task_id
+        envelope = self.to_envelope().replace(old.encode(), task_id.encode())
+        return Message(self.body, headers, self.content_type, self.content_encoding,
+                       properties, envelope)
 
     def to_envelope(self) -> bytes:
         """One JSON document holding the whole message, for stores that keep one value."""
+        if self.envelope is not None:
+            return self.envelope
         try:
             body: str = self.body.decode("utf-8")
             encoding = "utf-8"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 
 import pytest
 
@@ -15,7 +16,7 @@ from celeriac.exceptions import (
     ResultTimeout,
     UnknownSettingError,
 )
-from celeriac.protocol import decode_body, read_task_headers
+from celeriac.protocol import Message, decode_body, fresh_ids, read_task_headers
 from celeriac.result import exception_to_meta
 from celeriac.results import make_meta
 
@@ -207,3 +208,43 @@ def test_retry_keeps_the_original_callers_reply_to(app):
     delivery = fetch_one(app)
     assert delivery.message.properties["reply_to"] == "caller-queue"
     assert delivery.message.headers["retries"] == 1
+
+
+def test_send_many_gives_each_identical_call_its_own_id(app):
+    """A run of identical calls is built once and rebadged: every message still carries its
+    own id everywhere (id, root_id, correlation_id, and the envelope stores keep)."""
+    @app.task
+    def ping():
+        return "pong"
+
+    @app.task
+    def add(x, y):
+        return x + y
+
+    sigs = [ping.s() for _ in range(5)] + [add.s(1, 2), add.s(1, 2)] + [ping.s()] * 3
+    group_result = app.send_many(sigs)
+    got = app.transport.fetch("test", ["celery"], 20, 0)
+    assert len(got) == 10
+    ids = [d.message.headers["id"] for d in got]
+    assert len(set(ids)) == 10
+    assert ids == [r.id for r in group_result.results]
+    for delivery in got:
+        message = delivery.message
+        task_id = message.headers["id"]
+        assert message.headers["root_id"] == task_id
+        assert message.properties["correlation_id"] == task_id
+        assert read_task_headers(message.headers).id == task_id
+        again = Message.from_envelope(message.to_envelope())
+        assert dict(again.headers) == dict(message.headers)
+    names = [d.message.headers["task"] for d in got]
+    assert names == [ping.name] * 5 + [add.name] * 2 + [ping.name] * 3
+    assert [decode_body(d.message, ["json"])[0] for d in got[5:7]] == [[1, 2], [1, 2]]
+
+
+def test_fresh_ids_are_distinct_version_4_uuids():
+    ids = fresh_ids(batch=8)
+    seen = [next(ids) for _ in range(100)]
+    assert len(set(seen)) == 100
+    for text in seen:
+        parsed = uuid.UUID(text)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)

@@ -337,6 +337,40 @@ def test_wake_ends_a_blocked_fetch_promptly(url: str, raw: Any) -> None:
         transport.close()
 
 
+def test_publish_many_keeps_order_across_chunks_and_bands(broker: RedisTransport) -> None:
+    """publish_many adds entries by script, a chunk of messages per call: more than one
+    chunk, on two bands, still comes out highest band first, in publishing order."""
+    items = [("q", message(n), 9 if n % 3 == 0 else 0) for n in range(2300)]
+    broker.publish_many(items)
+    got = broker.fetch("c1", ["q"], 3000, 0)
+    assert numbers(got) == ([n for n in range(2300) if n % 3 == 0]
+                            + [n for n in range(2300) if n % 3])
+    assert {d.priority for d in got[:767]} == {9}
+    broker.ack([d.tag for d in got])
+
+
+def test_many_threads_store_results_on_a_small_connection_pool(make_backend_) -> None:
+    """Results go over connections of the backend's own, which neither count against nor
+    exhaust the client's pool (threads -c 100 stores from every thread)."""
+    backend = make_backend_(time.time, options={"max_connections": 2})
+    errors: list[BaseException] = []
+
+    def store(k: int) -> None:
+        try:
+            for i in range(20):
+                backend.store(make_meta(f"t{k}-{i}", states.SUCCESS, i))
+        except BaseException as exc:  # collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=store, args=(k,)) for k in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    assert backend.get("t39-19")["result"] == 19
+
+
 def test_purge_in_chunks_and_sizes_count_requeued(broker: RedisTransport) -> None:
     broker.publish_many([("q", message(n), n % 10) for n in range(2500)])
     got = broker.fetch("c1", ["q"], 10, 0)
@@ -368,7 +402,7 @@ def test_publish_survives_its_connection_being_killed(broker: RedisTransport,
     """A publish goes over a connection of the transport's own; killed, the next publish
     reconnects."""
     broker.publish("q", message(1))
-    [own] = broker._idle  # the connection publish() keeps between calls
+    [own] = broker._raw.idle  # the connection publish() keeps between calls
     own.send_command("CLIENT", "ID")
     assert raw.client_kill_filter(_id=own.read_response()) == 1
     broker.publish("q", message(2))  # the dead socket fails; the client's retry sends it

@@ -200,3 +200,35 @@ def test_a_bad_cleanup_interval_is_a_clear_start_up_error():
     app = Celeriac("bad", broker="memory://", environ={}, result_cleanup_interval="hourly")
     with pytest.raises(ConfigurationError, match="result_cleanup_interval must be a number"):
         Worker(app, WorkerOptions(pool="solo")).run(install_signals=False)
+
+
+def test_results_are_stored_while_a_fetch_is_blocked(app, run_worker, monkeypatch):
+    """Settling has a thread of its own: a finished task's result (handed over by a prefork
+    child, stored by the worker) does not wait for the I/O thread's fetch, even one that
+    nothing wakes."""
+    transport = app.transport
+    fetch, wake = transport.fetch, transport.wake
+    deaf = threading.Event()
+    deaf.set()
+
+    def long_fetch(consumer, queues, limit, timeout):
+        return fetch(consumer, queues, limit, 60.0 if deaf.is_set() else timeout)
+
+    def maybe_wake():
+        if not deaf.is_set():
+            wake()
+
+    monkeypatch.setattr(transport, "fetch", long_fetch)
+    monkeypatch.setattr(transport, "wake", maybe_wake)
+
+    @app.task
+    def add(x, y):
+        return x + y
+
+    run_worker(pool="prefork", concurrency=1)
+    try:
+        assert add.delay(2, 3).get(timeout=10) == 5
+        assert add.delay(4, 5).get(timeout=10) == 9
+    finally:
+        deaf.clear()
+        wake()  # let the worker's blocked fetch end so it can stop

@@ -12,11 +12,12 @@ import abc
 import asyncio
 import ctypes
 import os
-import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from ..worker.forkguard import ForkGuard
 
 if TYPE_CHECKING:
     from ..app import Celeriac
@@ -68,12 +69,12 @@ class Pool(abc.ABC):
     name: str = ""
 
     def __init__(self, app: Celeriac, *, concurrency: int, hostname: str,
-                 io: Executor | None = None, fork_guard: threading.Lock | None = None,
+                 io: Executor | None = None, fork_guard: ForkGuard | None = None,
                  limits: PoolLimits | None = None) -> None:
         self.app = app
         self.limits = limits or PoolLimits()
         self.io = io
-        self.fork_guard = fork_guard or threading.Lock()
+        self.fork_guard = fork_guard or ForkGuard()
         self.concurrency = concurrency
         self.hostname = hostname
 

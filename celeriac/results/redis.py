@@ -23,7 +23,12 @@ from .. import states
 from ..exceptions import ResultBackendError
 from ..transports import redis_keys as K
 from ..transports.redis import close_quietly
-from ..transports.redis_conn import connect_with_retry, redis_params, require_redis
+from ..transports.redis_conn import (
+    RawCalls,
+    connect_with_retry,
+    redis_params,
+    require_redis,
+)
 from .base import ResultBackend
 
 try:
@@ -60,10 +65,12 @@ class RedisBackend(ResultBackend):
 
     def _fresh_state(self) -> None:
         self._client = self.params.client()
+        self._raw = RawCalls(self._client)  # connections of our own for storing results
         self._idle: list[Any] = []
         self._lock = threading.Lock()
         # Closes our sockets if we are dropped unclosed (see RedisTransport._fresh_state).
-        self._closer = weakref.finalize(self, close_quietly, self._idle, self._client)
+        self._closer = weakref.finalize(self, close_quietly, self._idle, self._raw,
+                                        self._client)
 
     def _failure(self, exc: Exception, doing: str) -> ResultBackendError:
         return ResultBackendError(f"Redis result backend {self.params.masked}: could not "
@@ -105,17 +112,15 @@ class RedisBackend(ResultBackend):
 
     def _store_scripted(self, docs: list[tuple[str, bytes, int]]) -> None:
         now = repr(self.clock())
-        script = K.STORE_RESULT
-        pipe = self._client.pipeline(transaction=False)
-        for key, doc, px in docs:
-            pipe.execute_command("EVALSHA", script.sha, 1, key, doc, px, now, _FIELD)
-        results = pipe.execute(raise_on_error=False)
-        for (key, doc, px), result in zip(docs, results, strict=True):
-            if isinstance(result, NoScriptError):
-                self._client.execute_command("SCRIPT", "LOAD", script.source)
-                self._client.execute_command("EVALSHA", script.sha, 1, key, doc, px, now, _FIELD)
-            elif isinstance(result, Exception):
-                raise result
+        sha = K.STORE_RESULT.sha
+        replies = self._raw.run([("EVALSHA", sha, 1, key, doc, px, now, _FIELD)
+                                 for key, doc, px in docs])
+        for (key, doc, px), reply in zip(docs, replies, strict=True):
+            if isinstance(reply, NoScriptError):  # a restarted server forgot it
+                self._raw.one("SCRIPT", "LOAD", K.STORE_RESULT.source)
+                self._raw.one("EVALSHA", sha, 1, key, doc, px, now, _FIELD)
+            elif isinstance(reply, Exception):
+                raise reply
 
     def _store_watched(self, key: str, doc: bytes, px: int) -> None:
         """Store with an optimistic transaction, for documents Lua cannot read (pickle)."""

@@ -35,7 +35,7 @@ from ..exceptions import DecodeError, TransportError
 from ..protocol import Message
 from . import redis_keys as K
 from .base import Capabilities, Clock, DeadLetter, Delivery, Subscription, Transport
-from .redis_conn import connect_with_retry, redis_params, require_redis
+from .redis_conn import RawCalls, connect_with_retry, redis_params, require_redis
 
 try:
     import redis
@@ -51,8 +51,10 @@ _SLICE = 0.1
 """Longest single blocking read while a fetch waits (seconds); the fetch script runs after
 each, so other producers' delayed messages and ended leases are noticed within one."""
 _JANITOR_EVERY = 300.0
-_IDLE_CONNECTIONS = 8
-"""Publishing connections kept open between calls (see ``RedisTransport._command``)."""
+_PUBLISH_CHUNK = 1000
+"""Messages per script call in ``publish_many`` (the server is busy for a few ms each)."""
+_IDLE_CONNECTIONS = 32
+"""Connections of our own kept open between hot-path calls (see ``RawCalls``)."""
 # -- the pieces of the transport -----------------------------------------------------------------
 Call = tuple[K.Script, Sequence[str], Sequence[Any]]
 
@@ -205,11 +207,11 @@ class RedisTransport(Transport):
         self._lock = threading.Lock()
         self._local = threading.local()
         self._waiters: list[_Waiter] = []
-        self._idle: list[Any] = []  # connections of our own for publishing (see _command)
+        self._raw = RawCalls(self._client, _IDLE_CONNECTIONS)  # the hot paths' connections
         # Closes our sockets when the transport is dropped unclosed, before a reference
         # cycle (app <-> backend) could finalize the sockets first and warn about them.
         self._closer = weakref.finalize(self, close_quietly, self._client, self._waiters,
-                                        self._idle)
+                                        self._raw)
         self._blocked: set[_Waiter] = set()
         self._wakeup = threading.Event()
         # The unsettled deliveries this process handed to each consumer: what renew extends.
@@ -226,26 +228,20 @@ class RedisTransport(Transport):
                               f"{type(exc).__name__}: {self.params.scrub(exc)}")
 
     def _eval(self, script: K.Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        try:
-            return self._client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        except NoScriptError:  # a restarted server forgot it
-            self._client.execute_command("SCRIPT", "LOAD", script.source)
-            return self._client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        return self._eval_many([(script, keys, args)])[0]
 
     def _eval_many(self, calls: Sequence[Call]) -> list[Any]:
         """Run scripts in one round trip; results in order."""
-        if len(calls) == 1:
-            return [self._eval(*calls[0])]
-        pipe = self._client.pipeline(transaction=False)
-        for script, keys, args in calls:
-            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        results: list[Any] = pipe.execute(raise_on_error=False)
-        for i, result in enumerate(results):
-            if isinstance(result, NoScriptError):
-                results[i] = self._eval(*calls[i])
-            elif isinstance(result, Exception):
-                raise result
-        return results
+        replies = self._raw.run([("EVALSHA", script.sha, len(keys), *keys, *args)
+                                 for script, keys, args in calls])
+        for i, reply in enumerate(replies):
+            if isinstance(reply, NoScriptError):  # a restarted server forgot it
+                script, keys, args = calls[i]
+                self._raw.one("SCRIPT", "LOAD", script.source)
+                replies[i] = self._raw.one("EVALSHA", script.sha, len(keys), *keys, *args)
+            elif isinstance(reply, Exception):
+                raise reply
+        return replies
 
     def _settle_calls(self, script: K.Script, tags: Iterable[str],
                       head: Sequence[Any]) -> tuple[list[Call], list[list[str]]]:
@@ -271,50 +267,32 @@ class RedisTransport(Transport):
                 self._client.execute_command("ZADD", keys.delayed, repr(self.clock() + delay),
                                              K.delayed_member(priority, envelope))
             else:
-                self._command("XADD", keys.streams[K.band_of(priority)], "*",
+                self._raw.one("XADD", keys.streams[K.band_of(priority)], "*",
                               "m", envelope, "p", priority, "t", time.time_ns())
         except RedisError as exc:
             raise self._failure(exc, f"publish to queue {queue!r}") from exc
 
-    def _command(self, *args: Any) -> Any:
-        """One command on a connection of our own: the client's pool and retry bookkeeping
-        cost as much as a lone XADD's round trip. Idle connections wait in a short list
-        (any thread, or greenlet, takes one; at most ``_IDLE_CONNECTIONS`` are kept). A
-        connection that fails is dropped (it reconnects on next use) and the command goes
-        through the client, whose retry policy reconnects; it may then be sent twice (at
-        least once)."""
-        try:
-            conn = self._idle.pop()
-        except IndexError:
-            conn = self._client.connection_pool.make_connection()
-        try:
-            conn.send_command(*args)
-            return conn.read_response()
-        except (redis.ConnectionError, redis.TimeoutError):
-            conn.disconnect()
-            return self._client.execute_command(*args)
-        except redis.ResponseError:
-            raise  # an error reply: the connection is fine
-        except BaseException:
-            conn.disconnect()  # interrupted mid-command: its reply must not reach the next
-            raise
-        finally:
-            if len(self._idle) < _IDLE_CONNECTIONS:
-                self._idle.append(conn)
-            else:
-                conn.disconnect()
-
     def publish_many(self, items: Sequence[tuple[str, Message, int]]) -> None:
+        """One script call per stream and chunk (``_PUBLISH_CHUNK``), all in one round
+        trip: the server adds the entries in a loop instead of answering each XADD."""
         if not items:
             return
-        pipe = self._client.pipeline(transaction=False)
         ns = time.time_ns()
+        streams: dict[tuple[str, int], list[Any]] = {}
         for i, (queue, message, priority) in enumerate(items):
             priority = min(max(int(priority or 0), 0), 9)
-            pipe.execute_command("XADD", self.keys.queue(queue).streams[K.band_of(priority)],
-                                 "*", "m", message.to_envelope(), "p", priority, "t", ns + i)
+            args = streams.get((queue, priority))
+            if args is None:
+                args = streams[(queue, priority)] = []
+            args += (ns + i, message.to_envelope())
+        calls: list[Call] = []
+        for (queue, priority), args in streams.items():
+            stream = self.keys.queue(queue).streams[K.band_of(priority)]
+            for start in range(0, len(args), 2 * _PUBLISH_CHUNK):
+                calls.append((K.PUBLISH_MANY, [stream],
+                              [priority, *args[start:start + 2 * _PUBLISH_CHUNK]]))
         try:
-            pipe.execute()
+            self._eval_many(calls)
         except RedisError as exc:
             raise self._failure(exc, f"publish {len(items)} messages") from exc
 

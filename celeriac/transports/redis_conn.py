@@ -3,7 +3,8 @@
 ``redis_params`` reads a ``redis://`` / ``rediss://`` / ``redis+socket://`` URL plus options
 (``key_prefix``, ``db``, TLS ``ssl_*``, timeouts, the connection retry policy) and
 ``connect_with_retry`` opens a client, retrying with backoff at start-up and logging the URL
-with its password masked.
+with its password masked. :class:`RawCalls` runs commands on connections of our own, without
+the client's per-command bookkeeping, for the hot paths (publish, fetch, ack, results).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ try:
 except ImportError:  # pragma: no cover - exercised only without the extra installed
     redis = None  # type: ignore[assignment]
 
-__all__ = ["RedisParams", "connect_with_retry", "redis_params", "require_redis"]
+__all__ = ["RawCalls", "RedisParams", "connect_with_retry", "redis_params", "require_redis"]
 
 log = logging.getLogger("celeriac.redis")
 
@@ -75,6 +76,73 @@ class RedisParams:
         backoff = ExponentialWithJitterBackoff(base=0.05, cap=1.0) if count else NoBackoff()
         return redis.Redis(retry=Retry(backoff, count), single_connection_client=single,
                            **self.client_kwargs)
+
+
+class RawCalls:
+    """Commands sent in one round trip on a connection of our own.
+
+    The client's pool, retry wrapper and pipeline objects cost more per command than a
+    loopback round trip; this packs the commands, writes them at once and reads the replies.
+    Idle connections wait in a short list that any thread (or greenlet) takes one from; at
+    most ``keep`` are kept. A connection that fails is dropped, and the commands go through
+    the client instead, whose retry policy reconnects: they may then be sent twice, so only
+    commands that may run twice (at least once) belong here.
+    """
+
+    def __init__(self, client: redis.Redis, keep: int = 32) -> None:
+        self.client = client
+        self.keep = keep
+        self.idle: list[Any] = []
+
+    def run(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The replies in order; an error reply is returned as its exception, not raised."""
+        try:
+            conn = self.idle.pop()
+        except IndexError:  # made outside the client's pool: its count is for its own
+            pool = self.client.connection_pool
+            conn = pool.connection_class(**pool.connection_kwargs)
+        try:
+            conn.send_packed_command(conn.pack_commands(commands))
+            replies = []
+            for _ in commands:
+                try:
+                    replies.append(conn.read_response())
+                except redis.ResponseError as exc:  # read on: every reply must be taken
+                    replies.append(exc)
+            return replies
+        except (redis.ConnectionError, redis.TimeoutError):
+            conn.disconnect()
+            return self._through_client(commands)
+        except BaseException:
+            conn.disconnect()  # interrupted mid-call: its replies must not reach the next
+            raise
+        finally:
+            if len(self.idle) < self.keep:
+                self.idle.append(conn)
+            else:
+                conn.disconnect()
+
+    def _through_client(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        if len(commands) == 1:
+            try:
+                return [self.client.execute_command(*commands[0])]
+            except redis.ResponseError as exc:
+                return [exc]
+        pipe = self.client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return list(pipe.execute(raise_on_error=False))
+
+    def one(self, *command: Any) -> Any:
+        """One command's reply; an error reply raises."""
+        reply = self.run([command])[0]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def close(self) -> None:
+        while self.idle:
+            self.idle.pop().disconnect()
 
 
 def _number(value: Any, name: str, url: str, kind: Callable[[Any], Any] = float) -> Any:

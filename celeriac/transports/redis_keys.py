@@ -33,6 +33,7 @@ so a tag from before it matches no more (as on the memory and SQLite transports)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -170,7 +171,7 @@ class Script:
     name: str
     source: str
 
-    @property
+    @functools.cached_property
     def sha(self) -> str:
         return hashlib.sha1(self.source.encode("utf-8")).hexdigest()
 
@@ -186,6 +187,17 @@ local function pending_count(stream, group, id)
   return nil
 end
 """
+
+PUBLISH_MANY = Script("publish_many", """
+-- KEYS: one stream. ARGV: priority, then (ordinal, envelope) pairs. Each pair becomes an
+-- entry as a lone publish's XADD makes it, in order. Returns how many were added.
+local priority, n = ARGV[1], 0
+for i = 2, #ARGV, 2 do
+  redis.call('XADD', KEYS[1], '*', 'm', ARGV[i + 1], 'p', priority, 't', ARGV[i])
+  n = n + 1
+end
+return n
+""")
 
 FETCH = Script("fetch", _COMMON + """
 -- ARGV: group, consumer, limit, now, lease_until, wait_info ('1': report how to wait)

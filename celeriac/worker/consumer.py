@@ -4,7 +4,10 @@ It fetches messages in batches (up to the prefetch count), checks each one (head
 task, accepted content, delivery count, revoked, expired), holds ETA tasks on a timer,
 hands due tasks to the pool as slots free up, acks (early by default, after the task with
 ``acks_late``) in batches, and renews its leases from a heartbeat. Nothing in it blocks:
-broker calls run on the single I/O thread.
+fetches run on the worker's I/O thread, everything else that talks to the broker or the
+result store (acks, results, requeues, dead letters, lease renewals) on a settle thread of
+its own, so a finished task's result never waits for a fetch that is blocked waiting for
+messages to return.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -35,6 +39,7 @@ from ..protocol import content_type_for, read_task_headers
 from ..results import make_meta
 from ..transports import Delivery
 from .execute import LOST, REJECTED, Job, Outcome, failure_meta
+from .forkguard import ForkGuard
 from .ratelimit import TokenBucket, parse_rate
 from .request import Request
 from .state import WorkerState
@@ -79,7 +84,8 @@ class Consumer:
 
     def __init__(self, app: Celeriac, pool: Pool, *, hostname: str, queues: Sequence[str],
                  prefetch_count: int, io: ThreadPoolExecutor, state: WorkerState,
-                 events: EventDispatcher | None = None, poll_timeout: float = 1.0) -> None:
+                 events: EventDispatcher | None = None, poll_timeout: float = 1.0,
+                 fork_guard: ForkGuard | None = None) -> None:
         self.app = app
         self.pool = pool
         self.hostname = hostname
@@ -88,6 +94,9 @@ class Consumer:
         self.qos = QoS(prefetch_count)
         self.events = events or EventDispatcher(hostname, lambda _: None, lambda: 0)
         self.io_executor = io
+        self.fork_guard = fork_guard or ForkGuard()
+        self.settle_executor = ThreadPoolExecutor(max_workers=1,
+                                                  thread_name_prefix="celeriac-settle")
         self.state = state
         self.poll_timeout = poll_timeout
         self.transport = app.transport
@@ -106,7 +115,6 @@ class Consumer:
         self._acks: list[str] = []
         self._results: list[tuple[dict[str, Any], str | None]] = []
         self._flushing: asyncio.Task[None] | None = None
-        self._fetching = False
         self._room = asyncio.Event()
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._background: set[asyncio.Future[Any]] = set()
@@ -121,13 +129,17 @@ class Consumer:
                 if task.rate_limit:
                     self._set_bucket(task.name, task.rate_limit)
 
-    # -- I/O on the single I/O thread ---------------------------------------------------------
+    # -- I/O: fetches on the I/O thread, the rest on the settle thread -----------------------
+    def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
+        # Holds the fork guard: a prefork child is never forked while this thread is inside
+        # a connection library (a task in the child may publish with the same client).
+        with self.fork_guard.shared():
+            return fn(*args)
+
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a blocking broker/result call on the I/O thread, waking a waiting fetch."""
-        if self._fetching:
-            self.transport.wake()
+        """Run a blocking broker/result call on the settle thread (in submission order)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.io_executor, fn, *args)
+        return await loop.run_in_executor(self.settle_executor, self._guarded, fn, *args)
 
     def io_soon(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn`` on the I/O thread without waiting; failures are logged with ``what``."""
@@ -184,6 +196,13 @@ class Consumer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat_task
 
+    async def close(self) -> None:
+        """After :meth:`stop` (and the worker's last events): end the settle thread."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(self.settle_executor.shutdown, wait=True))
+
     def kick(self) -> None:
         """Re-check the pool for free slots and the prefetch room (after a resize)."""
         self._dispatch()
@@ -216,7 +235,6 @@ class Consumer:
                 self._room.clear()
                 await self._room.wait()
                 continue
-            self._fetching = True
             try:
                 deliveries = await loop.run_in_executor(
                     self.io_executor, self.transport.fetch, self.consumer_id, self.queues,
@@ -228,8 +246,6 @@ class Consumer:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
                 continue
-            finally:
-                self._fetching = False
             for delivery in deliveries:
                 self._on_delivery(delivery)
             self._dispatch()

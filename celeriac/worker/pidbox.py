@@ -23,6 +23,7 @@ from ..control.mailbox import (
     encode_reply,
 )
 from .control import Command
+from .forkguard import ForkGuard
 
 if TYPE_CHECKING:
     from ..transports import Subscription, Transport
@@ -37,7 +38,7 @@ class Node:
 
     def __init__(self, transport: Transport, hostname: str, loop: asyncio.AbstractEventLoop,
                  commands: Callable[[], dict[str, Command]], state: Any,
-                 clock: Any, guard: threading.Lock, signing_key: str | None) -> None:
+                 clock: Any, guard: ForkGuard, signing_key: str | None) -> None:
         self.transport = transport
         self.hostname = hostname
         self.loop = loop
@@ -51,7 +52,7 @@ class Node:
         self._subscription: Subscription | None = None
 
     def start(self) -> None:
-        with self.guard:
+        with self.guard.shared():
             self._subscription = self.transport.subscribe(CONTROL_CHANNEL)
         self._thread = threading.Thread(target=self._listen, name="celeriac-control",
                                         daemon=True)
@@ -62,14 +63,14 @@ class Node:
         if self._thread is not None:
             self._thread.join(5)
         if self._subscription is not None:
-            with self.guard:
+            with self.guard.shared():
                 self._subscription.close()
 
     def _listen(self) -> None:
         assert self._subscription is not None
         while not self._stop.is_set():
             try:
-                with self.guard:
+                with self.guard.shared():
                     messages = self._subscription.get(0.1)
             except Exception as exc:
                 log.error("Control channel error: %r; retrying", exc)
@@ -95,7 +96,7 @@ class Node:
         if request.reply_to and reply is not None:
             payload = encode_reply(request.ticket, self.hostname, reply, self.clock.value)
             try:
-                with self.guard:
+                with self.guard.shared():
                     self.transport.reply(request.reply_to, payload, ttl=60.0)
             except Exception as exc:
                 log.error("Could not reply to %s: %r", request.method, exc)

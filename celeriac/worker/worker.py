@@ -34,6 +34,7 @@ from ..urls import mask_url
 from .autoscale import Autoscaler
 from .consumer import Consumer
 from .control import Command, ControlState, Panel
+from .forkguard import ForkGuard
 from .pidbox import Node
 from .pidfile import Pidfile
 from .state import LamportClock, RevokedSet, WorkerState
@@ -135,7 +136,7 @@ class Worker:
         self.state = WorkerState(RevokedSet(app.clock))
         self.clock = LamportClock()
         self.started_at = time.monotonic()
-        self.fork_guard = threading.Lock()
+        self.fork_guard = ForkGuard()
         self.events = EventDispatcher(self.hostname, self._broadcast_event, self.clock.forward,
                                       enabled=opts.task_events or conf.worker_send_task_events)
         statedb = opts.statedb or conf.worker_state_db
@@ -313,7 +314,8 @@ class Worker:
             raise
         self.consumer = Consumer(self.app, self.pool, hostname=self.hostname,
                                  queues=self.queues, prefetch_count=self.prefetch_count,
-                                 io=io, state=self.state, events=self.events)
+                                 io=io, state=self.state, events=self.events,
+                                 fork_guard=self.fork_guard)
         self.consumer.start()
         self.node = Node(self.app.transport, self.hostname, loop, self.commands,
                          ControlState(self, self.consumer), self.clock, self.fork_guard,
@@ -336,6 +338,7 @@ class Worker:
         await self.consumer.stop(cold=cold)
         if not self.options.without_heartbeat:
             self.events.send("worker-offline")
+        await self.consumer.close()
         await loop.run_in_executor(io, self._close_statedb)
         log.info("%s stopped (%s shutdown).", self.hostname, "cold" if cold else "warm")
 
