@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -232,3 +233,22 @@ def test_results_are_stored_while_a_fetch_is_blocked(app, run_worker, monkeypatc
     finally:
         deaf.clear()
         wake()  # let the worker's blocked fetch end so it can stop
+
+
+def test_a_retired_child_is_replaced_while_the_fetch_waits(app, run_worker, monkeypatch):
+    """Forks run on the I/O thread, which a fetch may hold for its whole poll: the pool
+    wakes the fetch so a child retired by --max-tasks-per-child is replaced at once."""
+    fetch = app.transport.fetch
+    monkeypatch.setattr(app.transport, "fetch",
+                        lambda consumer, queues, limit, timeout: fetch(consumer, queues,
+                                                                       limit, 60.0))
+
+    @app.task
+    def pid():
+        return os.getpid()
+
+    worker = run_worker(pool="prefork", concurrency=1, max_tasks_per_child=1)
+    first = pid.delay().get(timeout=10)
+    wait_for(lambda: worker.pool.pids and worker.pool.pids != [first], 10,
+             "a replacement for the retired child")
+    assert pid.delay().get(timeout=10) != first

@@ -435,6 +435,7 @@ class PreforkPool(Pool):
         self._children: dict[int, _Child] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
+        self._started = False  # from then on the I/O thread may be blocked in a fetch
         self._spawning: set[int] = set()
         # One byte per process index, shared with the children: "the parent asked you to stop".
         self._flags = mmap.mmap(-1, _MAX_PROCESSES + 1)
@@ -475,7 +476,10 @@ class PreforkPool(Pool):
             return
         self._spawning.add(index)
         try:
-            child = await self._loop.run_in_executor(self.io, self._fork, index)
+            forked = self._loop.run_in_executor(self.io, self._fork, index)
+            if self._started:  # a fetch waiting for messages would hold the fork back
+                self.app.transport.wake()
+            child = await forked
         finally:
             self._spawning.discard(index)
         if self._closing or index > self.concurrency:
@@ -494,6 +498,7 @@ class PreforkPool(Pool):
         self._loop = asyncio.get_running_loop()
         for index in range(1, self.concurrency + 1):
             await self._spawn(index)
+        self._started = True
 
     def _on_readable(self, child: _Child) -> None:
         try:
