@@ -91,6 +91,21 @@ async def learn(pool: PreforkPool, name: str, *args: Any, times: int = 4) -> Non
         assert outcome.state == states.SUCCESS
 
 
+@pytest.fixture
+def hold_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Children hold outcomes back for up to a minute (not 2 ms): what they hold stays held
+    while a test looks."""
+    monkeypatch.setattr(prefork, "_HOLD_FOR", 60.0)
+
+
+async def learn_short_noop_and_gate(pool: PreforkPool, tmp_path: Path) -> None:
+    """The pool learns that ``pf.noop`` and ``pf.gate`` (its gate file already there) are
+    short, so it pipelines them and children hold their outcomes back."""
+    await learn(pool, "pf.noop")
+    (tmp_path / "warm").touch()
+    await learn(pool, "pf.gate", "warm", times=1)
+
+
 def queued(pool: PreforkPool) -> dict[int, int]:
     """pid -> jobs handed to that process and not reported finished."""
     return {c.pid: len(c.jobs) + len(c.finished) for c in pool._children.values()}
@@ -184,8 +199,7 @@ def test_the_worker_default_is_adaptive(app):
 
 # -- outcomes held back ---------------------------------------------------------------------
 def test_held_back_outcomes_come_together_and_the_parent_knows_the_running_job(
-        app, tmp_path, monkeypatch):
-    monkeypatch.setattr(prefork, "_HOLD_FOR", 60.0)  # only the queue running dry sends them
+        app, tmp_path, hold_long):  # only the queue running dry sends what is held
 
     async def scenario(pool: PreforkPool) -> None:
         await learn(pool, "pf.noop")
@@ -214,9 +228,7 @@ def test_held_back_outcomes_come_together_and_the_parent_knows_the_running_job(
 
 def test_a_long_running_short_task_does_not_keep_outcomes_back(app, tmp_path):
     async def scenario(pool: PreforkPool) -> None:
-        await learn(pool, "pf.noop")
-        (tmp_path / "warm").touch()
-        await learn(pool, "pf.gate", "warm", times=1)
+        await learn_short_noop_and_gate(pool, tmp_path)
         futures = [pool.apply(job("pf.noop")) for _ in range(3)]
         gate_future = pool.apply(job("pf.gate", "stuck"))
         await asyncio.gather(*futures)  # sent while the gate task is still busy
@@ -228,13 +240,9 @@ def test_a_long_running_short_task_does_not_keep_outcomes_back(app, tmp_path):
 
 
 def test_terminating_the_running_job_keeps_the_outcomes_held_before_it(
-        app, tmp_path, monkeypatch):
-    monkeypatch.setattr(prefork, "_HOLD_FOR", 60.0)
-
+        app, tmp_path, hold_long):
     async def scenario(pool: PreforkPool) -> None:
-        await learn(pool, "pf.noop")
-        (tmp_path / "warm").touch()
-        await learn(pool, "pf.gate", "warm", times=1)
+        await learn_short_noop_and_gate(pool, tmp_path)
         [child] = pool._children.values()
         futures = [pool.apply(job("pf.noop")) for _ in range(2)]
         gate = job("pf.gate", "never")
@@ -251,13 +259,9 @@ def test_terminating_the_running_job_keeps_the_outcomes_held_before_it(
 
 # -- hard time limits with outcomes held back -----------------------------------------------
 def test_a_job_with_a_hard_limit_starts_only_after_held_outcomes_are_sent(app, tmp_path,
-                                                                          monkeypatch):
-    monkeypatch.setattr(prefork, "_HOLD_FOR", 60.0)
-
+                                                                          hold_long):
     async def scenario(pool: PreforkPool) -> None:
-        await learn(pool, "pf.noop")
-        (tmp_path / "warm").touch()
-        await learn(pool, "pf.gate", "warm", times=1)
+        await learn_short_noop_and_gate(pool, tmp_path)
         futures = [pool.apply(job("pf.noop")) for _ in range(2)]
         gate_future = pool.apply(job("pf.gate", "stuck", time_limit=0.5))
         outcomes = await asyncio.gather(*futures)  # before the limit kills the gate task
@@ -269,13 +273,9 @@ def test_a_job_with_a_hard_limit_starts_only_after_held_outcomes_are_sent(app, t
 
 
 def test_the_hard_limit_of_a_finished_job_whose_outcome_is_held_kills_nothing(
-        app, tmp_path, monkeypatch):
-    monkeypatch.setattr(prefork, "_HOLD_FOR", 60.0)
-
+        app, tmp_path, hold_long):
     async def scenario(pool: PreforkPool) -> None:
-        await learn(pool, "pf.noop")
-        (tmp_path / "warm").touch()
-        await learn(pool, "pf.gate", "warm", times=1)
+        await learn_short_noop_and_gate(pool, tmp_path)
         [child] = pool._children.values()
         first = pool.apply(job("pf.noop", time_limit=0.2))
         second = pool.apply(job("pf.noop"))
@@ -294,13 +294,9 @@ def test_the_hard_limit_of_a_finished_job_whose_outcome_is_held_kills_nothing(
 
 
 def test_a_child_dying_with_held_outcomes_reports_them_lost_and_runs_nothing_twice(
-        app, tmp_path, monkeypatch):
-    monkeypatch.setattr(prefork, "_HOLD_FOR", 60.0)
-
+        app, tmp_path, hold_long):
     async def scenario(pool: PreforkPool) -> None:
-        await learn(pool, "pf.noop")
-        (tmp_path / "warm").touch()
-        await learn(pool, "pf.gate", "warm", times=1)
+        await learn_short_noop_and_gate(pool, tmp_path)
         [child] = pool._children.values()
         futures = [pool.apply(job("pf.noop")) for _ in range(2)]
         gate_future = pool.apply(job("pf.gate", "never"))
