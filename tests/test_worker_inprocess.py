@@ -252,3 +252,59 @@ def test_a_retired_child_is_replaced_while_the_fetch_waits(app, run_worker, monk
     wait_for(lambda: worker.pool.pids and worker.pool.pids != [first], 10,
              "a replacement for the retired child")
     assert pid.delay().get(timeout=10) != first
+
+
+def test_an_early_ack_goes_out_with_the_next_fetch(app, run_worker, monkeypatch):
+    """A task acked on receipt is acked by the I/O thread just before its next fetch, so
+    the settle thread is free to store the task's result at once; an ``acks_late`` task is
+    acked on the settle thread, after its result is stored."""
+    transport = app.transport
+    calls: list[tuple[str, str, tuple[str, ...]]] = []
+    ack, fetch = transport.ack, transport.fetch
+
+    def recording_ack(tags):
+        calls.append(("ack", threading.current_thread().name, tuple(tags)))
+        return ack(tags)
+
+    def recording_fetch(*args):
+        calls.append(("fetch", threading.current_thread().name, ()))
+        return fetch(*args)
+
+    monkeypatch.setattr(transport, "ack", recording_ack)
+    monkeypatch.setattr(transport, "fetch", recording_fetch)
+
+    @app.task
+    def early():
+        return "early"
+
+    @app.task(acks_late=True)
+    def late():
+        return "late"
+
+    run_worker(pool="threads", concurrency=1)
+    assert early.delay().get(timeout=10) == "early"
+    assert late.delay().get(timeout=10) == "late"
+    wait_for(lambda: sum(1 for c in calls if c[0] == "ack") >= 2, 10, "both acks")
+    acks = [(i, c) for i, c in enumerate(calls) if c[0] == "ack"]
+    (first_i, first), (_, second) = acks[:2]
+    fetcher = next(c[1] for c in calls if c[0] == "fetch")
+    assert first[1] == fetcher and calls[first_i + 1][0] == "fetch"
+    assert second[1].startswith("celeriac-settle")
+
+
+def test_a_result_is_not_held_for_the_batch_window_when_work_runs_out(app, run_worker,
+                                                                      monkeypatch):
+    """Results are batched while every slot is busy; when the last queued task ends the
+    batch goes out at once instead of waiting for the window (60 s here)."""
+    from celeriac.worker import consumer
+
+    monkeypatch.setattr(consumer, "_FLUSH_WAIT", 60.0)
+
+    @app.task
+    def double(x):
+        return 2 * x
+
+    first, second = double.delay(1), double.delay(2)  # fetched together, run one by one
+    run_worker(pool="prefork", concurrency=1)  # (its children hand results to the worker)
+    assert first.get(timeout=10) == 2
+    assert second.get(timeout=10) == 4

@@ -79,6 +79,11 @@ class QoS:
         return self.value
 
 
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class Consumer:
     """Moves messages from the broker to the pool and settles them."""
 
@@ -113,8 +118,10 @@ class Consumer:
         self.stopping = False
         self._job_ids = itertools.count(1)
         self._acks: list[str] = []
+        self._piggyback: list[str] | None = None
         self._results: list[tuple[dict[str, Any], str | None]] = []
         self._flushing: asyncio.Task[None] | None = None
+        self._flush_wait: asyncio.Future[None] | None = None
         self._room = asyncio.Event()
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._background: set[asyncio.Future[Any]] = set()
@@ -229,16 +236,18 @@ class Consumer:
     async def _fetch_loop(self) -> None:
         backoff = 0.1
         loop = asyncio.get_running_loop()
+        acks: list[str] = []  # early acks of the tasks just started, sent with the next fetch
         while not self.stopping:
             room = self._room_left()
             if room <= 0:
+                self._settle_acks(acks)
+                acks = []
                 self._room.clear()
                 await self._room.wait()
                 continue
             try:
-                deliveries = await loop.run_in_executor(
-                    self.io_executor, self.transport.fetch, self.consumer_id, self.queues,
-                    room, self.poll_timeout)
+                deliveries = await loop.run_in_executor(self.io_executor, self._ack_and_fetch,
+                                                        acks, room)
                 backoff = 0.1
             except Exception as exc:
                 log.error("Broker error while fetching (%s: %s); retrying in %.1fs",
@@ -246,9 +255,38 @@ class Consumer:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
                 continue
+            finally:
+                acks = []
             for delivery in deliveries:
                 self._on_delivery(delivery)
-            self._dispatch()
+            self._piggyback = acks
+            try:
+                self._dispatch()
+            finally:
+                self._piggyback = None
+            # The pool writes the jobs it was just given before the I/O thread takes the GIL
+            # for the next fetch.
+            await asyncio.sleep(0)
+        self._settle_acks(acks)
+
+    def _ack_and_fetch(self, acks: list[str], room: int) -> list[Delivery]:
+        """On the I/O thread: ack the tasks the last fetch started, then fetch more.
+
+        Early acks ride along with the fetch that follows anyway, so the settle thread stays
+        free for results (a lone task's result never queues behind its own ack).
+        """
+        if acks:
+            try:
+                self.transport.ack(acks)
+            except Exception as exc:
+                log.error("Could not ack %d message(s): %r; they will be redelivered after "
+                          "their lease", len(acks), exc)
+        return self.transport.fetch(self.consumer_id, self.queues, room, self.poll_timeout)
+
+    def _settle_acks(self, acks: list[str]) -> None:
+        if acks:
+            self._acks.extend(acks)
+            self._flush_soon()
 
     def _reject(self, delivery: Delivery, reason: str) -> None:
         task_id = delivery.message.headers.get("id") if isinstance(
@@ -387,6 +425,9 @@ class Consumer:
         if request.acknowledged:
             return
         request.acknowledged = True
+        if self._piggyback is not None:  # started by the fetch loop: acked by its next fetch
+            self._piggyback.append(request.delivery.tag)
+            return
         self._acks.append(request.delivery.tag)
         self._flush_soon()
 
@@ -398,10 +439,20 @@ class Consumer:
         """Store handed-over results, then ack, in batches: one I/O call for many tasks.
 
         While every slot is busy it waits a moment so more outcomes join the batch; an idle
-        worker flushes at once, so a lone task's result is not held back.
+        worker flushes at once, and a worker that runs out of work meanwhile stops waiting
+        (:meth:`_on_outcome`), so a lone task's result is not held back.
         """
-        busy = len(self.state.active) >= self.pool.size
-        await asyncio.sleep(_FLUSH_WAIT if busy else 0)
+        if len(self.state.active) >= self.pool.size:
+            loop = asyncio.get_running_loop()
+            self._flush_wait = waiter = loop.create_future()
+            timer = loop.call_later(_FLUSH_WAIT, _resolve, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._flush_wait = None
+        else:
+            await asyncio.sleep(0)
         while self._acks or self._results:
             results, self._results = self._results, []
             acks, self._acks = self._acks, []
@@ -440,6 +491,8 @@ class Consumer:
             self._ack(request)
             self._report(request, outcome)
         self._dispatch()
+        if self._flush_wait is not None and self._results and self.pool.free > 0:
+            _resolve(self._flush_wait)  # nothing waits for this slot: no more outcomes soon
 
     def _report(self, request: Request, outcome: Outcome) -> None:
         name, task_id = request.name, request.id
