@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -315,6 +316,34 @@ def test_requeue_and_redelivery_count_deliveries(amqp: AMQPTransport,
     [again] = eventually(lambda: other.fetch("c1", ["requeue"], 1, 0))
     assert again.deliveries == 5 and again.message == message(1)
     other.ack([again.tag])
+
+
+def test_acks_from_two_threads_at_once_keep_the_channel(amqp: AMQPTransport,
+                                                       make_transport: Factory) -> None:
+    """A worker acks on its I/O thread and its settle thread at the same time: an ack that
+    covers several tags at once must never take in a tag the other thread is acking (the
+    broker would close the channel: PRECONDITION_FAILED - unknown delivery tag)."""
+    def ack(part: list[str]) -> None:
+        for i in range(0, len(part), 2):
+            amqp.ack(part[i:i + 2])
+
+    for _ in range(4):
+        amqp.publish_many([("q", message(n), 0) for n in range(300)])
+        held: list[Any] = []
+        while len(held) < 300:
+            got = amqp.fetch("c1", ["q"], 300 - len(held), 5.0)
+            assert got, "the messages did not arrive"
+            held += got
+        epoch = amqp._state.epoch  # type: ignore[union-attr]
+        tags = [d.tag for d in held]
+        threads = [threading.Thread(target=ack, args=(tags[k::2],)) for k in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert amqp._state.epoch == epoch  # type: ignore[union-attr]  (no reconnect)
+    amqp.close()
+    assert make_transport(clock=time.time).queue_size("q") == 0
 
 
 def test_a_reconnect_keeps_what_the_consumer_holds(amqp: AMQPTransport,

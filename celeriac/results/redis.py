@@ -1,10 +1,9 @@
 """``redis://`` results: a key per task, ``celery-task-meta-<id>``, with native expiry.
 
 Storing is one script (``SET ... PX`` + ``PUBLISH`` on a channel named like the key) that
-refuses to replace a live SUCCESS; ``store_many`` pipelines the scripts. A waiter reads the
-key; if the task is not done it subscribes to the task's channel, reads the key again (closing
-the race with a result stored in between), then blocks on the subscription: no polling.
-Subscriptions are pooled per backend.
+refuses to replace a live SUCCESS; ``store_many`` pipelines the scripts. A waiter subscribes to
+the task's channel, then reads the key (a result stored before the subscription is there), then
+blocks on the subscription: no polling. Subscriptions are pooled per backend.
 
 The stored document is the meta itself plus one field, ``celeriac_expires_at``: the expiry on
 the backend's clock, which the store script and :meth:`get` honour (a backend on an injected
@@ -154,9 +153,10 @@ class RedisBackend(ResultBackend):
         return meta if meta is not None and meta.get("status") in states.READY_STATES else None
 
     def wait(self, task_id: str, timeout: float | None) -> dict[str, Any] | None:
-        found = self._ready(task_id)  # already there: one round trip, no subscription
-        if found is not None or (timeout is not None and timeout <= 0):
-            return found
+        if timeout is not None and timeout <= 0:
+            return self._ready(task_id)
+        # Subscribed first, read second (in _wait_on): a task that was just sent, the usual
+        # case, is waited for in two round trips, and one that is done in the same two.
         key = self.keys.result(task_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         pubsub = self._checkout()

@@ -128,6 +128,9 @@ class _State:
 
     def __init__(self, transport: AMQPTransport) -> None:
         self.cond = threading.Condition()
+        #: held while settling (ack, requeue, dead-letter), which callers in several threads
+        #: may do: an ack with ``multiple`` must not take in a tag another call is settling
+        self.settling = threading.Lock()
         self.pid = os.getpid()
         self.token = uuid.uuid4().hex[:6]
         self.epochs = itertools.count(1)
@@ -530,9 +533,10 @@ class AMQPTransport(Transport):
         st = self._state
         if not tags or st is None or st.pid != os.getpid():
             return
-        picked = self._pick(st, tags, acking=True)
-        if picked:
-            self._call(st, self._settle(st, [p for _, p in picked]))
+        with st.settling:
+            picked = self._pick(st, tags, acking=True)
+            if picked:
+                self._call(st, self._settle(st, [p for _, p in picked]))
 
     async def _settle(self, st: _State, picked: list[_Pending]) -> None:
         """Ack deliveries taken out of ``held``/``buffer``.
@@ -572,9 +576,10 @@ class AMQPTransport(Transport):
         st = self._state
         if not tags or st is None or st.pid != os.getpid():
             return
-        picked = self._pick(st, tags, acking=False)
-        if picked:
-            self._call(st, self._requeue(st, picked))
+        with st.settling:
+            picked = self._pick(st, tags, acking=False)
+            if picked:
+                self._call(st, self._requeue(st, picked))
 
     async def _requeue(self, st: _State, picked: list[tuple[str, _Pending]]) -> None:
         try:
@@ -595,16 +600,17 @@ class AMQPTransport(Transport):
         (The broker has given the message back: whoever gets it next judges it again.)
         """
         st = self._ensure()
-        with st.cond:
-            acked = delivery.tag in st.acked
-            picked = self._pick(st, [delivery.tag], acking=False)
-            if not picked and not acked:
-                return
-            st.known.add(delivery.queue)
-        props = properties(delivery.message, delivery.priority, headers={
-            H_REASON: reason, H_DELIVERIES: delivery.deliveries, H_DEAD_AT: self.clock()})
-        self._call(st, self._dead_letter(st, self._name(delivery.queue), props, delivery,
-                                         picked))
+        with st.settling:
+            with st.cond:
+                acked = delivery.tag in st.acked
+                picked = self._pick(st, [delivery.tag], acking=False)
+                if not picked and not acked:
+                    return
+                st.known.add(delivery.queue)
+            props = properties(delivery.message, delivery.priority, headers={
+                H_REASON: reason, H_DELIVERIES: delivery.deliveries, H_DEAD_AT: self.clock()})
+            self._call(st, self._dead_letter(st, self._name(delivery.queue), props, delivery,
+                                             picked))
 
     async def _dead_letter(self, st: _State, wire: str, props: Any, delivery: Delivery,
                            picked: list[tuple[str, _Pending]]) -> None:

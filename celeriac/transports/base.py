@@ -18,11 +18,14 @@ Delivery semantics every transport keeps:
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..protocol import Message
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Capabilities", "DeadLetter", "Delivery", "Transport"]
 
@@ -116,6 +119,20 @@ class Transport(abc.ABC):
         Higher priority first, then oldest first. Waits up to ``timeout`` seconds when none
         is visible; returns an empty list if none became visible.
         """
+
+    def ack_then_fetch(self, acks: Sequence[str], consumer: str, queues: Sequence[str],
+                       limit: int, timeout: float) -> list[Delivery]:
+        """:meth:`ack` then :meth:`fetch` (a worker acks what it just started on receipt
+        this way); a transport that can do both in one round trip does. A failed ack is
+        logged, not raised: its messages come back after their lease, and the fetch goes on.
+        """
+        if acks:
+            try:
+                self.ack(acks)
+            except Exception as exc:
+                log.error("Could not ack %d message(s): %r; they will be redelivered after "
+                          "their lease", len(acks), exc)
+        return self.fetch(consumer, queues, limit, timeout)
 
     @abc.abstractmethod
     def ack(self, tags: Sequence[str]) -> None:

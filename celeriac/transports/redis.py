@@ -314,9 +314,8 @@ class RedisTransport(Transport):
                                     "1" if timeout > 0 else "0"])
 
         try:
-            self._flush_ack_backlog()
             self._janitor(queues)
-            reply = self._eval(*call())
+            reply = self._fetch_after_backlog(call())
             while not reply[0] and timeout > 0:
                 seconds = self._pause(deadline, reply[1])
                 if seconds is None:
@@ -328,6 +327,29 @@ class RedisTransport(Transport):
             return self._deliveries(consumer, queues, reply[0])
         except RedisError as exc:
             raise self._failure(exc, f"fetch from {queues}") from exc
+
+    def ack_then_fetch(self, acks: Sequence[str], consumer: str, queues: Sequence[str],
+                       limit: int, timeout: float) -> list[Delivery]:
+        if not acks or limit <= 0 or not queues:  # (no fetch to ride along with)
+            return super().ack_then_fetch(acks, consumer, queues, limit, timeout)
+        with self._lock:  # acked in the fetch's own round trip (see _fetch_after_backlog)
+            self._ack_backlog.extend(acks)
+        return self.fetch(consumer, queues, limit, timeout)
+
+    def _fetch_after_backlog(self, call: Call) -> Any:
+        """The fetch script's reply, after the acks waiting in the backlog (one round trip)."""
+        with self._lock:
+            tags, self._ack_backlog = self._ack_backlog, []
+        if not tags:
+            return self._eval(*call)
+        try:
+            replies = self._eval_many([*self._settle_calls(K.ACK, tags, [K.GROUP])[0], call])
+        except (redis.ConnectionError, redis.TimeoutError):
+            with self._lock:  # kept for the next call that reaches the server (see ack)
+                self._ack_backlog[:0] = tags
+            raise
+        self._settled(tags)
+        return replies[-1]
 
     def _deliveries(self, consumer: str, queues: Sequence[str],
                     rows: list[Any]) -> list[Delivery]:

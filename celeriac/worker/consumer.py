@@ -246,8 +246,12 @@ class Consumer:
                 await self._room.wait()
                 continue
             try:
-                deliveries = await loop.run_in_executor(self.io_executor, self._ack_and_fetch,
-                                                        acks, room)
+                # Early acks of the tasks the last fetch started ride along with this fetch,
+                # so the settle thread stays free for results (a lone task's result never
+                # queues behind its own ack).
+                deliveries = await loop.run_in_executor(
+                    self.io_executor, self.transport.ack_then_fetch, acks, self.consumer_id,
+                    self.queues, room, self.poll_timeout)
                 backoff = 0.1
             except Exception as exc:
                 log.error("Broker error while fetching (%s: %s); retrying in %.1fs",
@@ -268,20 +272,6 @@ class Consumer:
             # for the next fetch.
             await asyncio.sleep(0)
         self._settle_acks(acks)
-
-    def _ack_and_fetch(self, acks: list[str], room: int) -> list[Delivery]:
-        """On the I/O thread: ack the tasks the last fetch started, then fetch more.
-
-        Early acks ride along with the fetch that follows anyway, so the settle thread stays
-        free for results (a lone task's result never queues behind its own ack).
-        """
-        if acks:
-            try:
-                self.transport.ack(acks)
-            except Exception as exc:
-                log.error("Could not ack %d message(s): %r; they will be redelivered after "
-                          "their lease", len(acks), exc)
-        return self.transport.fetch(self.consumer_id, self.queues, room, self.poll_timeout)
 
     def _settle_acks(self, acks: list[str]) -> None:
         if acks:
