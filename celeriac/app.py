@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 from . import protocol
 from . import result as _result
+from .bulk import BulkSend
 from .config import Settings
 from .control.client import Control
 from .exceptions import ConfigurationError, NotRegistered
@@ -298,7 +299,7 @@ class Celeriac:
 
         A run of identical calls (same task and options, no arguments or the very same
         argument objects) is built once and rebadged with a fresh id for each."""
-        batch: list[tuple[str, protocol.Message, int]] = []
+        bulk = BulkSend()
         results = []
         default_queue = self.conf.task_default_queue
         last: tuple[Signature, str, protocol.Message, int] | None = None  # to rebadge
@@ -306,7 +307,7 @@ class Celeriac:
         for sig in signatures:
             if last is not None and _same_call(sig, last[0]):
                 task_id = next(ids)
-                batch.append((last[1], last[2].with_id(task_id), last[3]))
+                bulk.add_copy(last[1], last[2], last[3], task_id)
                 results.append(AsyncResult(task_id, self))
                 continue
             task = self.tasks.get(sig.task)
@@ -320,14 +321,14 @@ class Celeriac:
             message = self.build_message(sig.task, sig.args, sig.kwargs, group_id=group_id,
                                          **options)
             priority = int(options.get("priority") or 0)
-            batch.append((queue, message, priority))
+            bulk.add(queue, message, priority)
             results.append(AsyncResult(message.headers["id"], self))
             if "task_id" in sig.options:
                 last = None
             else:  # encoded once, for the copies
                 last = (sig, queue, dataclasses.replace(message, envelope=message.to_envelope()),
                         priority)
-        self.transport.publish_many(batch)
+        bulk.send(self.transport)
         return GroupResult(group_id or str(uuid.uuid4()), results, self)
 
     def AsyncResult(self, task_id: str) -> AsyncResult:

@@ -9,12 +9,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from .canvas import Signature
 from .exceptions import ConfigurationError, MaxRetriesExceededError, Retry
 from .greenlets import run_coroutine
 
 if TYPE_CHECKING:
     from .app import Celeriac
-    from .canvas import Signature
     from .result import AsyncResult
 
 __all__ = ["TASK_OPTIONS", "Context", "Task"]
@@ -205,8 +205,6 @@ class Task:
 
     def s(self, *args: Any, **kwargs: Any) -> Signature:
         """A signature of this task with these arguments, for ``group``."""
-        from .canvas import Signature
-
         return Signature(self.name, args, kwargs, app=self.app)
 
     def AsyncResult(self, task_id: str) -> AsyncResult:

@@ -241,6 +241,35 @@ def test_send_many_gives_each_identical_call_its_own_id(app):
     assert [decode_body(d.message, ["json"])[0] for d in got[5:7]] == [[1, 2], [1, 2]]
 
 
+def test_send_many_long_runs_go_out_as_copies_in_order(app, monkeypatch):
+    """Runs of identical calls long enough (bulk.COPIES_FROM) reach the transport as one
+    message and its ids; shorter runs and other calls as messages; all in sending order."""
+    from celeriac import bulk
+
+    @app.task
+    def ping():
+        return "pong"
+
+    @app.task
+    def add(x, y):
+        return x + y
+
+    copies = []
+    real = app.transport.publish_copies
+    monkeypatch.setattr(app.transport, "publish_copies", lambda *a: copies.append(a[3]) or
+                        real(*a))
+    n = bulk.COPIES_FROM
+    sigs = ([ping.s() for _ in range(n + 1)] + [add.s(1, 2)] + [ping.s() for _ in range(n - 1)]
+            + [add.s(3, 4)] * (2 * n + 1))  # (arguments count as the same if the same objects)
+    group_result = app.send_many(sigs)
+    assert [len(ids) for ids in copies] == [n, 2 * n]  # the first of a run is the template
+    got = app.transport.fetch("test", ["celery"], 1000, 0)
+    assert [d.message.headers["id"] for d in got] == [r.id for r in group_result.results]
+    assert [d.message.headers["task"] for d in got] == (
+        [ping.name] * (n + 1) + [add.name] + [ping.name] * (n - 1) + [add.name] * (2 * n + 1))
+    assert [decode_body(d.message, ["json"])[0] for d in got[-2:]] == [[3, 4], [3, 4]]
+
+
 def test_fresh_ids_are_distinct_version_4_uuids():
     ids = fresh_ids(batch=8)
     seen = [next(ids) for _ in range(100)]

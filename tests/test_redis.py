@@ -17,7 +17,7 @@ import pytest
 
 from celeriac import states
 from celeriac.exceptions import ConfigurationError, ResultBackendError, TransportError
-from celeriac.protocol import Message
+from celeriac.protocol import Message, build_task_message
 from celeriac.results import ResultBackend, make_meta, open_backend
 from celeriac.transports import Delivery, Transport, open_transport
 from celeriac.transports import redis_keys as K
@@ -347,6 +347,52 @@ def test_publish_many_keeps_order_across_chunks_and_bands(broker: RedisTransport
                             + [n for n in range(2300) if n % 3])
     assert {d.priority for d in got[:767]} == {9}
     broker.ack([d.tag for d in got])
+
+
+def test_copies_made_by_the_server_are_the_messages_the_client_would_make(
+        broker: RedisTransport) -> None:
+    """publish_copies sends the envelope once per 1,000 ids; Redis puts each copy together.
+    Every entry is byte for byte what ``with_id`` makes, in order, across chunks."""
+    template = build_task_message("tasks.ping", (1, "x"), {"k": [2]}, priority=3)
+    ids = [str(uuid.uuid4()) for _ in range(2500)]
+    broker.publish("q", message(0), priority=3)
+    broker.publish_copies("q", template, 3, ids)
+    broker.publish("q", message(1), priority=3)
+    got = broker.fetch("c1", ["q"], 3000, 0)
+    assert len(got) == 2502 and {d.priority for d in got} == {3}
+    assert numbers([got[0], got[-1]]) == [0, 1]
+    for task_id, delivery in zip(ids, got[1:-1], strict=True):
+        assert delivery.message.to_envelope() == template.with_id(task_id).to_envelope()
+        assert delivery.message.headers["id"] == task_id
+        assert delivery.message.properties["correlation_id"] == task_id
+    broker.ack([d.tag for d in got])
+
+
+def test_send_many_on_redis_keeps_order_and_ids(url: str) -> None:
+    """A bulk send mixing long runs of identical calls (copied on the server) with other
+    calls: every message in sending order, under the id its AsyncResult has."""
+    from celeriac import Celeriac
+
+    app = Celeriac("bulk", broker=url, environ={})
+    try:
+        @app.task
+        def ping():
+            return "pong"
+
+        @app.task
+        def add(x, y):
+            return x + y
+
+        sigs = [ping.s() for _ in range(1200)] + [add.s(1, 2)] + [ping.s() for _ in range(40)]
+        group_result = app.send_many(sigs)
+        got = app.transport.fetch("c1", [app.conf.task_default_queue], 2000, 0)
+        assert [d.message.headers["id"] for d in got] == [r.id for r in group_result.results]
+        assert len({r.id for r in group_result.results}) == 1241
+        assert [d.message.headers["task"] for d in got] == (
+            [ping.name] * 1200 + [add.name] + [ping.name] * 40)
+        app.transport.ack([d.tag for d in got])
+    finally:
+        app.close()
 
 
 def test_many_threads_store_results_on_a_small_connection_pool(make_backend_) -> None:

@@ -110,6 +110,12 @@ class Transport(abc.ABC):
         for queue, message, priority in items:
             self.publish(queue, message, priority=priority)
 
+    def publish_copies(self, queue: str, message: Message, priority: int,
+                       ids: Sequence[str]) -> None:
+        """Publish a copy of ``message`` under each task id in ``ids`` (a run of identical
+        calls in a bulk send); transports that can make the copies on the server do."""
+        self.publish_many([(queue, message.with_id(task_id), priority) for task_id in ids])
+
     # -- consuming ---------------------------------------------------------------------------
     @abc.abstractmethod
     def fetch(self, consumer: str, queues: Sequence[str], limit: int,

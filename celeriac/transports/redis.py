@@ -296,6 +296,29 @@ class RedisTransport(Transport):
         except RedisError as exc:
             raise self._failure(exc, f"publish {len(items)} messages") from exc
 
+    def publish_copies(self, queue: str, message: Message, priority: int,
+                       ids: Sequence[str]) -> None:
+        """The server makes the copies: the envelope goes once per chunk of ids, cut where
+        the template's id appears (ids of one length only; anything else as publish_many)."""
+        old = str(message.headers.get("id") or "")
+        width = len(old)
+        if not ids or not width or any(len(task_id) != width for task_id in ids):
+            super().publish_copies(queue, message, priority, ids)
+            return
+        parts = message.to_envelope().split(old.encode())
+        priority = min(max(int(priority or 0), 0), 9)
+        stream = self.keys.queue(queue).streams[K.band_of(priority)]
+        us = time.time_ns() // 1000
+        chunk = min(_PUBLISH_CHUNK, 1000)  # (the script numbers the ids of a call in 3 digits)
+        calls: list[Call] = [
+            (K.PUBLISH_COPIES, [stream],
+             [priority, us + k, width, "".join(ids[start:start + chunk]), *parts])
+            for k, start in enumerate(range(0, len(ids), chunk))]
+        try:
+            self._eval_many(calls)
+        except RedisError as exc:
+            raise self._failure(exc, f"publish {len(ids)} messages") from exc
+
     # -- consuming --------------------------------------------------------------------------------
     def fetch(self, consumer: str, queues: Sequence[str], limit: int,
               timeout: float) -> list[Delivery]:

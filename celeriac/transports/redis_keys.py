@@ -199,6 +199,23 @@ end
 return n
 """)
 
+PUBLISH_COPIES = Script("publish_copies", """
+-- KEYS: one stream. ARGV: priority, the ordinal's digits but its last three (the ordinal is
+-- a publish's time in ns: at most 1000 ids per call), id length, the ids end to end, then the
+-- envelope cut at each place the template's id appears. One entry per id, in order: the
+-- envelope put together with that id, as a lone publish's XADD makes it.
+local priority, ordinal, width, ids = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local parts = {}
+for i = 5, #ARGV do parts[#parts + 1] = ARGV[i] end
+local n = 0
+for at = 1, #ids, width do
+  local m = table.concat(parts, string.sub(ids, at, at + width - 1))
+  redis.call('XADD', KEYS[1], '*', 'm', m, 'p', priority, 't', ordinal .. string.format('%03d', n))
+  n = n + 1
+end
+return n
+""")
+
 FETCH = Script("fetch", _COMMON + """
 -- ARGV: group, consumer, limit, now, lease_until, wait_info ('1': report how to wait)
 local group, consumer = ARGV[1], ARGV[2]
