@@ -308,3 +308,38 @@ def test_a_result_is_not_held_for_the_batch_window_when_work_runs_out(app, run_w
     run_worker(pool="prefork", concurrency=1)  # (its children hand results to the worker)
     assert first.get(timeout=10) == 2
     assert second.get(timeout=10) == 4
+
+
+@pytest.mark.parametrize("pool", ["threads", "asyncio"])
+def test_pools_hand_results_to_the_worker_to_store_in_batches(app, run_worker, monkeypatch,
+                                                              pool):
+    """Results of every pool reach the store from the worker's settle thread (in batches,
+    with the acks), not one store call per task from the thread that ran it."""
+    backend = app.backend
+    where: list[str] = []
+    store, store_many = backend.store, backend.store_many
+
+    def recording_store(meta, reply_to=None):
+        where.append(threading.current_thread().name)
+        return store(meta, reply_to)
+
+    def recording_store_many(metas, reply_to=None):
+        where.append(threading.current_thread().name)
+        return store_many(metas, reply_to)
+
+    monkeypatch.setattr(backend, "store", recording_store)
+    monkeypatch.setattr(backend, "store_many", recording_store_many)
+
+    @app.task
+    def double(x):
+        return 2 * x
+
+    @app.task
+    async def triple(x):
+        return 3 * x
+
+    run_worker(pool=pool, concurrency=4)
+    results = [double.delay(n) for n in range(10)] + [triple.delay(n) for n in range(10)]
+    assert [r.get(timeout=10) for r in results] == ([2 * n for n in range(10)]
+                                                    + [3 * n for n in range(10)])
+    assert where and all(name.startswith("celeriac-settle") for name in where), where

@@ -3,8 +3,9 @@
 The loop runs in one thread of the worker process, apart from the worker's loop, so a task
 that misbehaves (blocks its loop) cannot keep the worker from fetching, acking or answering
 control commands. ``async def`` tasks run on it as coroutines, without a thread each; other
-tasks run in a bounded set of threads (at most ``min(32, N)`` at once). Storing results runs
-in a few threads of its own so it never holds up the loop. See
+tasks run in a bounded set of threads (at most ``min(32, N)`` at once). Results go to the
+worker with the outcomes, to be stored in batches (a ``track_started`` STARTED state is stored
+at once, in a few threads of the pool's own, so it never holds up the loop). See
 :mod:`celeriac.worker.execute_async` for how a job runs and how limits and terminate stop it.
 
 What users should know:

@@ -23,7 +23,7 @@ from ..exceptions import (
     TaskRevokedError,
 )
 from ..greenlets import is_patched
-from ..worker.execute import LOST, Job, Outcome, execute
+from ..worker.execute import LOST, HandOver, Job, Outcome, execute
 from .base import Pool, arm_time_limits
 
 if TYPE_CHECKING:
@@ -73,7 +73,8 @@ class GeventPool(Pool):
     def _run(self, job: Job, future: asyncio.Future[Outcome]) -> None:
         assert self._loop is not None
         try:  # a greenlet killed at the hard limit leaves with GreenletExit, unrecorded
-            outcome = execute(self.app, job, self.hostname)
+            hand_over = HandOver(self.app.conf.result_serializer)  # (see Consumer)
+            outcome = hand_over.attach(execute(self.app, job, self.hostname, store=hand_over))
         finally:
             self._running.pop(job.job_id, None)
         self._loop.call_soon_threadsafe(self._finish, future, outcome)

@@ -17,7 +17,6 @@ import asyncio
 import collections
 import contextlib
 import ctypes
-import dataclasses
 import logging
 import mmap
 import multiprocessing
@@ -35,8 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import SoftTimeLimitExceeded
-from ..protocol import dumps
-from ..worker.execute import LOST, Job, Outcome, execute, revoked_outcome
+from ..worker.execute import LOST, HandOver, Job, Outcome, execute, revoked_outcome
 from .base import Pool, PoolLimits
 
 if TYPE_CHECKING:
@@ -343,16 +341,9 @@ def _child_main(app: Celeriac, sock: socket.socket, hostname: str, parent_pid: i
         if limits.child_setup is not None:
             limits.child_setup(index)
         soft, started, done = _SoftLimit(channel.before_exit), 0, 0
-        results: list[dict[str, Any]] = []
-
-        serializer = app.conf.result_serializer
-
-        def hand_over(meta: dict[str, Any], reply_to: str | None) -> None:
-            # Serialized here, so a result that can't be stored fails in the task's process
-            # (as the store would encode it; without opening the store and loading its
-            # client library in every child); the parent stores a batch in one round trip.
-            dumps(meta, serializer)
-            results.append(meta)
+        # The parent stores results in batches; a child never opens the result store (nor
+        # loads its client library).
+        hand_over = HandOver(app.conf.result_serializer)
 
         # Runs until the parent closes the socket: after reporting "retiring" (a limit was
         # reached) it still finishes the jobs already sent to it.
@@ -363,10 +354,7 @@ def _child_main(app: Celeriac, sock: socket.socket, hostname: str, parent_pid: i
             if cancels.holds(index, job.job_id):
                 outcome = revoked_outcome(app, job, "revoked before it started")
             else:
-                outcome = execute(app, job, hostname, soft.around, hand_over)
-                if results:
-                    outcome = dataclasses.replace(outcome, results=tuple(results))
-                    results.clear()
+                outcome = hand_over.attach(execute(app, job, hostname, soft.around, hand_over))
             done += 1
             progress.set(index, started, done)
             channel.finished(job, outcome, _over_limits(limits, done))

@@ -17,7 +17,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import SoftTimeLimitExceeded, TaskRevokedError
-from ..worker.execute import LOST, Job, Outcome, execute
+from ..worker.execute import LOST, HandOver, Job, Outcome, execute
 from .base import Pool, arm_time_limits, raise_in_thread
 
 if TYPE_CHECKING:
@@ -64,7 +64,9 @@ class ThreadPool(Pool):
                 job, future = item
                 self._running[job.job_id] = ident
                 try:
-                    outcome = execute(self.app, job, self.hostname)
+                    hand_over = HandOver(self.app.conf.result_serializer)  # (see Consumer)
+                    outcome = hand_over.attach(execute(self.app, job, self.hostname,
+                                                       store=hand_over))
                 finally:
                     self._running.pop(job.job_id, None)
                 if job.job_id in self._abandoned:

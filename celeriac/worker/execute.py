@@ -12,12 +12,12 @@ import time
 import traceback as tb
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .. import states
 from ..exceptions import MessageError, Retry, TaskError, TaskRevokedError
-from ..protocol import Message, decode_body, saferepr
+from ..protocol import Message, decode_body, dumps, saferepr
 from ..result import exception_to_meta
 from ..results import make_meta
 from ..task import Context
@@ -113,6 +113,27 @@ def task_context(job: Job, args: list[Any], kwargs: dict[str, Any], hostname: st
 #: Where a run's result goes: ``app.backend.store``, or a pool's collector that hands results
 #: to the worker's main process to store in batches. It raises what the serializer raises.
 Store = Callable[[dict[str, Any], str | None], None]
+
+
+class HandOver:
+    """A :data:`Store` that keeps a run's results for the worker to store in a batch with
+    others (:attr:`Outcome.results`). Each is serialized here first, as the result store
+    would, so a result that cannot be stored fails in the task's own run."""
+
+    def __init__(self, serializer: str) -> None:
+        self.serializer = serializer
+        self.metas: list[dict[str, Any]] = []
+
+    def __call__(self, meta: dict[str, Any], reply_to: str | None) -> None:
+        dumps(meta, self.serializer)
+        self.metas.append(meta)
+
+    def attach(self, outcome: Outcome) -> Outcome:
+        """``outcome`` carrying the results kept since the last call."""
+        if not self.metas:
+            return outcome
+        metas, self.metas = self.metas, []
+        return replace(outcome, results=tuple(metas))
 
 
 def store_result(app: Celeriac, meta: dict[str, Any], reply_to: str | None,

@@ -2,9 +2,9 @@
 :func:`~celeriac.worker.execute.execute`, with the same outcomes and the same stored results.
 
 An ``async def`` task is awaited in an asyncio task of its own, with its request context set
-inside that task. Any other task runs in a thread of the ``tasks`` executor. Storing a result
-is blocking I/O, so it runs in the ``stores`` executor and the loop keeps serving the other
-tasks meanwhile.
+inside that task. Any other task runs in a thread of the ``tasks`` executor. The final result
+travels with the outcome (the worker stores results in batches); a STARTED state is blocking
+I/O, so it is stored in the ``stores`` executor and the loop keeps serving the other tasks.
 
 Limits and terminate act on the asyncio task running the body (see :class:`AsyncRun`):
 
@@ -44,7 +44,16 @@ from ..exceptions import (
 from ..pools.base import raise_in_thread
 from ..protocol import Message, decode_body, saferepr
 from ..results import make_meta
-from .execute import LOST, REJECTED, Job, Outcome, ending, store_result, task_context
+from .execute import (
+    LOST,
+    REJECTED,
+    HandOver,
+    Job,
+    Outcome,
+    ending,
+    store_result,
+    task_context,
+)
 
 if TYPE_CHECKING:
     from ..app import Celeriac
@@ -412,29 +421,34 @@ class AsyncRun:
         return value, exc, trace
 
     async def _settle(self, start: float, ignore: bool, result: _Ending | None = None) -> Outcome:
-        """Store how the run ended (in the ``stores`` executor) and return its outcome."""
+        """How the run ended: the outcome, carrying the result for the worker to store in a
+        batch with others (:class:`HandOver`)."""
         job = self.job
         if self._reason == _SHUTDOWN:
             return Outcome(job.job_id, job.task_id, LOST, time.monotonic() - start,
                            "cancelled by a cold shutdown", self.pid)
         value, exc, trace = result if result is not None else self._ending()
+        hand_over = HandOver(self.app.conf.result_serializer)
         if exc is None:
             try:
                 if not ignore:
-                    await self._store(make_meta(job.task_id, states.SUCCESS, value))
-                return Outcome(job.job_id, job.task_id, states.SUCCESS,
-                               time.monotonic() - start, saferepr(value, 200), self.pid)
-            except Exception as error:  # unserializable value, or the store failed
+                    store_result(self.app, make_meta(job.task_id, states.SUCCESS, value),
+                                 job.reply_to, hand_over)
+                return hand_over.attach(Outcome(
+                    job.job_id, job.task_id, states.SUCCESS, time.monotonic() - start,
+                    saferepr(value, 200), self.pid))
+            except Exception as error:  # unserializable value
                 exc, trace = error, "".join(traceback.format_exception(error))
+                hand_over.metas.clear()  # (store_result kept a FAILURE saying so: made again)
         meta, outcome = ending(job, exc, trace, time.monotonic() - start, self.pid)
         if self._reason == _HARD:
             outcome = dataclasses.replace(outcome, timed_out=True)
         try:
-            await self._store(meta)
+            hand_over(meta, job.reply_to)
         except Exception:
             log.exception("Could not store the %s of task %s[%s]", meta["status"], job.name,
                           job.task_id)
-        return outcome
+        return hand_over.attach(outcome)
 
     async def _store(self, meta: dict[str, Any]) -> None:
         loop = asyncio.get_running_loop()
