@@ -8,6 +8,7 @@ a test declared is deleted after it.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import subprocess
 import threading
@@ -24,7 +25,8 @@ from celeriac.protocol import Message
 from celeriac.results import ResultBackend, make_meta, open_backend
 from celeriac.transports import Transport, open_transport
 from celeriac.transports.amqp import AMQPTransport
-from celeriac.transports.amqp_io import DELAY_LEVELS, Settings
+from celeriac.transports.amqp_io import DELAY_LEVELS, Settings, properties
+from celeriac.transports.amqp_publish import Publisher, encode_properties
 from tests.contract.backend_suite import BackendContract
 from tests.contract.conftest_helpers import FakeClock, eventually
 from tests.contract.transport_suite import LEASE, TransportContract, in_thread, message, numbers
@@ -552,12 +554,8 @@ def test_a_queue_deleted_behind_the_direct_publisher_is_declared_again(
     assert numbers(amqp.fetch("c1", ["q"], 5, 0)) == [3]
 
 
-def test_a_direct_publisher_the_broker_closed_hands_over_to_the_io_thread(
-        amqp: AMQPTransport) -> None:
-    amqp.publish("q", message(1))
-    amqp.publish("q", message(2))
-    pool = amqp._ensure().publishers
-    [pub] = pool._idle
+def _close_from_the_broker(pub: Publisher) -> None:
+    """Have the broker close ``pub``'s connection."""
     assert pub.sock is not None
     port = pub.sock.getsockname()[1]
     listed = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "peer_port",
@@ -566,6 +564,15 @@ def test_a_direct_publisher_the_broker_closed_hands_over_to_the_io_thread(
     [pid] = [line.split()[0] for line in listed.splitlines() if line.split()[1:] == [str(port)]]
     subprocess.run(["rabbitmqctl", "-q", "close_connection", pid, "test"], check=True,
                    capture_output=True, timeout=60)
+
+
+def test_a_direct_publisher_the_broker_closed_hands_over_to_the_io_thread(
+        amqp: AMQPTransport) -> None:
+    amqp.publish("q", message(1))
+    amqp.publish("q", message(2))
+    pool = amqp._ensure().publishers
+    [pub] = pool._idle
+    _close_from_the_broker(pub)
     amqp.publish("q", message(3))  # unsure on that connection: sent through the I/O thread
     amqp.publish("q", message(4))  # and direct again, on a new connection
     assert pool._idle and pool._idle[0] is not pub
@@ -584,6 +591,167 @@ def test_an_idle_direct_publisher_is_replaced_after_a_heartbeat_interval(
     amqp.publish("q", message(3))
     assert pool._idle[0] is not first and first.sock is None
     assert numbers(amqp.fetch("c1", ["q"], 10, 0)) == [1, 2, 3]
+
+
+# -- publish_many on a direct publisher (Publisher.publish_batch) ------------------------------
+def _link_batches(amqp: AMQPTransport, monkeypatch: pytest.MonkeyPatch, *,
+                  allowed: bool) -> list[list[str]]:
+    """Record what ``publish_many`` hands to the I/O thread (correlation ids, per call);
+    unless ``allowed``, doing so fails the test."""
+    link = amqp._ensure().link
+    calls: list[list[str]] = []
+    original = link.publish_batch
+
+    def publish_batch(batch: list[tuple[str, bytes, Any]]) -> Any:
+        calls.append([props.correlation_id for _, _, props in batch])
+        if not allowed:
+            raise AssertionError("published through the I/O thread")
+        return original(batch)
+
+    monkeypatch.setattr(link, "publish_batch", publish_batch)
+    return calls
+
+
+def _drain(amqp: AMQPTransport, queue: str, count: int) -> list[Message]:
+    """Fetch (and ack) messages from ``queue`` until ``count`` came, or none for a second."""
+    got: list[Message] = []
+    while len(got) < count:
+        batch = amqp.fetch("c1", [queue], count - len(got), 1.0)
+        if not batch:
+            break
+        amqp.ack([d.tag for d in batch])
+        got += [d.message for d in batch]
+    return got
+
+
+def test_publish_many_to_declared_queues_goes_direct_in_order_and_intact(
+        amqp: AMQPTransport, monkeypatch: pytest.MonkeyPatch) -> None:
+    amqp.publish("q", message(0))  # declares the queue, through the I/O thread
+    _no_io_thread_publish(amqp, monkeypatch)
+    _link_batches(amqp, monkeypatch, allowed=False)
+    sent = [message(n, f=n / 3, d={"k": [n, None]}) for n in range(1, 5001)]
+    sent[100] = message(101, body=b"x" * 300_000)  # more than one body frame
+    sent[200] = Message(body=b"", headers={"n": 201}, properties={"reply_to": "r"})
+    amqp.publish_many([("q", m, 0) for m in sent])
+    assert _drain(amqp, "q", 5001) == [message(0), *sent]
+
+
+def test_publish_many_hands_what_a_deleted_queue_returned_to_the_io_thread(
+        amqp: AMQPTransport, amqp_server: str, prefix: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import aiormq
+
+    for queue in ("q", "other"):
+        amqp.publish(queue, message(0))  # declared
+        amqp.publish(queue, message(0))  # direct: the publisher now knows the queue
+
+    async def delete() -> None:
+        conn = await aiormq.connect(amqp_server)
+        channel = await conn.channel()
+        await channel.queue_delete(f"{prefix}q")
+        await conn.close()
+
+    asyncio.run(delete())
+    calls = _link_batches(amqp, monkeypatch, allowed=True)
+    amqp.publish_many([("q" if n % 3 else "other", message(n), 0) for n in range(1, 1201)])
+    to_q = [n for n in range(1, 1201) if n % 3]
+    assert calls == [[f"task-{n}" for n in to_q]]  # exactly the returned ones, declared again
+    assert sorted(m.headers["n"] for m in _drain(amqp, "q", 2000)) == to_q
+    assert [m.headers["n"] for m in _drain(amqp, "other", 2000)] == [
+        0, 0, *(n for n in range(1, 1201) if not n % 3)]
+
+
+def test_publish_many_on_a_connection_the_broker_closes_loses_nothing(
+        amqp: AMQPTransport, monkeypatch: pytest.MonkeyPatch) -> None:
+    amqp.publish("q", message(0))
+    amqp.publish("q", message(0))
+    [pub] = amqp._ensure().publishers._idle
+    calls = _link_batches(amqp, monkeypatch, allowed=True)
+    runs: list[Any] = []
+    settle_next = Publisher._settle_next
+
+    def closing(self: Publisher, run: Any) -> None:
+        if run.settled >= 1000 and not runs:  # mid-batch, chunks still unconfirmed
+            runs.append(run)
+            _close_from_the_broker(self)
+        settle_next(self, run)
+
+    monkeypatch.setattr(Publisher, "_settle_next", closing)
+    amqp.publish_many([("q", message(n), 0) for n in range(1, 5001)])
+    assert pub.broken and len(runs) == 1
+    # confirmed ones (those acked before the broker closed) are not sent again; the rest are
+    unconfirmed = [f"task-{i + 1}" for i, fate in enumerate(runs[0].state) if fate != 1]
+    assert calls == [unconfirmed] and 0 < len(unconfirmed) <= 4000
+    got = [m.headers["n"] for m in _drain(amqp, "q", 10_000)]
+    assert set(got) == set(range(5001))  # some of the unconfirmed may be there twice
+
+
+def test_publish_many_says_how_many_the_broker_refused(
+        amqp: AMQPTransport, amqp_server: str, prefix: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import aiormq
+
+    async def capped() -> None:
+        conn = await aiormq.connect(amqp_server)
+        channel = await conn.channel()
+        await channel.queue_declare(f"{prefix}capped", durable=True, arguments={
+            "x-max-length": 2, "x-overflow": "reject-publish"})
+        await conn.close()
+
+    asyncio.run(capped())
+    amqp.publish("capped", message(1))
+    _link_batches(amqp, monkeypatch, allowed=False)
+    with pytest.raises(TransportError, match="refused 4 of 5 messages"):
+        amqp.publish_many([("capped", message(n), 0) for n in range(2, 7)])
+    assert amqp.queue_size("capped") == 2
+
+
+def test_publish_many_leaves_a_message_amqp_cannot_carry_to_the_io_thread(
+        amqp: AMQPTransport, monkeypatch: pytest.MonkeyPatch) -> None:
+    amqp.publish("q", message(0))
+    calls = _link_batches(amqp, monkeypatch, allowed=True)
+    bad = message(2)
+    bad.properties["correlation_id"] = "c" * 300  # more than a short string holds
+    with pytest.raises(TransportError):
+        amqp.publish_many([("q", message(1), 0), ("q", bad, 0), ("q", message(3), 0)])
+    assert calls == [["c" * 300, "task-3"]]
+    assert [m.headers["n"] for m in _drain(amqp, "q", 3)][:2] == [0, 1]
+
+
+def test_a_returned_message_is_told_from_its_twin_by_its_headers() -> None:
+    from pamqp import frame
+    from pamqp.header import ContentHeader
+
+    from celeriac.transports.amqp_publish import _Run
+
+    def as_returned(props: Any) -> Any:  # what the broker's copy decodes to
+        return frame.unmarshal(frame.marshal(ContentHeader(0, 1, props), 1))[2].properties
+
+    twins = [("q", b"x", properties(message(1, f=0.1, l=(1, None), ok=bool(k)), 0))
+             for k in range(2)]
+    run = _Run(twins, first=7)
+    run.sent = 2
+    run.returned("q", as_returned(twins[1][2]), b"x")  # the second one, though the first
+    assert list(run.state) == [0, 3]                    # is not confirmed yet either
+    run.settle(8, True, 1)
+    assert run.outcome(None).again == [1]
+
+
+def test_content_headers_are_framed_as_pamqp_frames_them() -> None:
+    from pamqp import commands as spec
+
+    cases = [
+        properties(message(1), 7),
+        properties(Message(body=b"", headers={"l": [1, None], "d": {"x": 0.5}}, properties={
+            "correlation_id": "c" * 100, "reply_to": "r\u00fc", "priority": 3,
+            "custom": "kept"}), 0, persistent=False, expiration="100"),
+        spec.Basic.Properties(message_id="m", timestamp=dt.datetime(2020, 1, 1, tzinfo=dt.UTC),
+                              message_type="t", user_id="guest", app_id="a", headers={},
+                              content_type=""),
+        spec.Basic.Properties(),
+    ]
+    for props in cases:
+        assert encode_properties(props) == props.marshal()
 
 
 def test_without_aiormq_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

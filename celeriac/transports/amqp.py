@@ -16,6 +16,9 @@ How the contract maps onto the broker:
   the hop to the I/O thread and back cost as much as the confirm. Anything unusual on it
   (no connection free, a lost connection, a returned message) sends the message through
   the I/O thread instead, which declares again or waits for the broker as usual.
+  ``publish_many`` does the same with many messages at once, pipelined (chunks written while
+  the broker confirms the ones before); only what the broker returned, and after a lost
+  connection what it had not confirmed, goes through the I/O thread.
 
 * ``fetch`` with a timeout consumes (``basic.consume``) into a local buffer, with a prefetch
   of what the handle holds plus ``limit`` (a worker: its prefetch count plus the ETA tasks
@@ -357,7 +360,40 @@ class AMQPTransport(Transport):
         st = self._ensure()
         st.known.update(queue for queue, _, _ in items)
         batch = [(self._name(q), m.body, properties(m, p)) for q, m, p in items]
-        self._call(st, st.link.publish_batch(batch))
+        rest, refused = self._publish_many_direct(st, batch)
+        if rest:
+            self._call(st, st.link.publish_batch(rest))
+        if refused:
+            raise TransportError(f"The broker refused {refused} of {len(batch)} messages "
+                                 "(nack); they were not stored")
+
+    def _publish_many_direct(self, st: _State, batch: list[tuple[str, bytes, Any]]
+                             ) -> tuple[list[tuple[str, bytes, Any]], int]:
+        """Publish what goes to declared queues on a direct publisher, as :meth:`publish`.
+
+        Returns what the I/O thread must publish still, in order (to queues not declared
+        yet, returned by the broker, or left unconfirmed by a lost connection: those may
+        then be stored twice, never lost), and how many messages the broker refused.
+        """
+        if self.settings.ssl or not st.link.up:
+            return batch, 0
+        declared = st.link.declared
+        mine = [i for i, (wire, _, _) in enumerate(batch) if wire in declared]
+        if not mine:
+            return batch, 0
+        pub = st.publishers.take()
+        if pub is None:
+            return batch, 0
+        try:
+            done = pub.publish_batch(batch if len(mine) == len(batch) else
+                                     [batch[i] for i in mine])
+        finally:
+            st.publishers.give(pub)
+        if done.returned:  # a queue is gone: declared again by the I/O thread
+            with contextlib.suppress(RuntimeError):  # (a closed loop: the I/O path says so)
+                st.io.loop.call_soon_threadsafe(st.link.forget_declared)
+        stored = set(mine).difference(mine[j] for j in done.again)
+        return [item for i, item in enumerate(batch) if i not in stored], done.refused
 
     # -- consuming ------------------------------------------------------------------------------
     def fetch(self, consumer: str, queues: Sequence[str], limit: int,

@@ -49,7 +49,7 @@ except ImportError:  # pragma: no cover - the amqp extra is not installed
     aiormq = None  # type: ignore[assignment]
 
 __all__ = ["DELAY_LEVELS", "DELAY_UNIT", "IOThread", "Link", "Listener", "Settings",
-           "describe_error", "properties", "read_message"]
+           "describe_error", "encode_table", "properties", "read_message"]
 
 log = logging.getLogger("celeriac.transports.amqp")
 T = TypeVar("T")
@@ -209,7 +209,8 @@ def _key(key: Any) -> bytes:
     return encoded
 
 
-def _table(value: Mapping[str, Any]) -> bytes:
+def encode_table(value: Mapping[str, Any]) -> bytes:
+    """An AMQP field table, as our messages' headers are encoded (see :func:`_value`)."""
     out = []
     for key, item in value.items():
         out.append(_key(key))
@@ -236,7 +237,7 @@ def _value(item: Any) -> bytes:
     if item is None:
         return b"V"
     if isinstance(item, Mapping):
-        return b"F" + _table(item)
+        return b"F" + encode_table(item)
     if isinstance(item, list | tuple):
         data = b"".join(_value(x) for x in item)
         return b"A" + struct.pack(">I", len(data)) + data
@@ -258,7 +259,7 @@ if aiormq is not None:
 
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(**kwargs)
-            self.encoded_headers = _table(self.headers or {})
+            self.encoded_headers = encode_table(self.headers or {})
 
         def encode_property(self, name: str, value: Any) -> bytes:
             if name == "headers":
