@@ -11,7 +11,7 @@ few phases, each on fresh queue names, cleaned up after itself:
   tree's memory; then sequential round trips on that idle worker (systems whose round trips
   use another result store than the drain get a fresh worker for them).
 * sleep: S tasks of a 10 ms sleep queued, then drained by each of the system's
-  high-concurrency modes: seconds for the S tasks at the rate seen from first to last result.
+  high-concurrency modes: seconds from the first stored result to the last.
 * bulk (celeriac only): N tasks in one ``group(...).apply_async()`` and in one
   ``app.send_many(...)``.
 * raw: N bare publishes with the broker client library alone.
@@ -191,7 +191,9 @@ class WorkerSet:
 @dataclass
 class Drain:
     rate: float
-    seconds: float  # for all ``count`` tasks at that rate
+    #: from the first stored result to the last: not extrapolated from the rate, which would
+    #: flatter a system that stores results in batches (a big first batch shortens the window)
+    seconds: float
     cpu_us: float
     startup: float
 
@@ -225,7 +227,7 @@ def _drain(first: tuple[float, int, float], count: int, last_at: float,
     cpu = workers.cpu_seconds() - first_cpu
     counted = count - first_count
     tasks_per_s = rate(counted, last_at - first_at)
-    return Drain(tasks_per_s, count / tasks_per_s, cpu / max(counted, 1) * 1e6,
+    return Drain(tasks_per_s, last_at - first_at, cpu / max(counted, 1) * 1e6,
                  first_at - workers.started)
 
 
