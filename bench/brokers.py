@@ -11,7 +11,8 @@ few phases, each on fresh queue names, cleaned up after itself:
   tree's memory; then sequential round trips on that idle worker (systems whose round trips
   use another result store than the drain get a fresh worker for them).
 * sleep: S tasks of a 10 ms sleep queued, then drained by each of the system's
-  high-concurrency modes: seconds from the first stored result to the last.
+  high-concurrency modes: seconds from the moment the first task started (each worker
+  process's first sleep task records it, bench/marks.py) to the last stored result.
 * bulk (celeriac only): N tasks in one ``group(...).apply_async()`` and in one
   ``app.send_many(...)``.
 * raw: N bare publishes with the broker client library alone.
@@ -191,11 +192,12 @@ class WorkerSet:
 @dataclass
 class Drain:
     rate: float
-    #: from the first stored result to the last: not extrapolated from the rate, which would
-    #: flatter a system that stores results in batches (a big first batch shortens the window)
+    #: from the first stored result to the last (the sleep phase times from the first task's
+    #: start instead, see Phases.sleep)
     seconds: float
     cpu_us: float
     startup: float
+    finished_wall: float  # time.time() when the last result was seen
 
 
 def wait_drained(system: NetSystem, workers: WorkerSet, count: int,
@@ -228,7 +230,7 @@ def _drain(first: tuple[float, int, float], count: int, last_at: float,
     counted = count - first_count
     tasks_per_s = rate(counted, last_at - first_at)
     return Drain(tasks_per_s, last_at - first_at, cpu / max(counted, 1) * 1e6,
-                 first_at - workers.started)
+                 first_at - workers.started, time.time() - (time.perf_counter() - last_at))
 
 
 def enqueue_rate(system: NetSystem, task: str, count: int) -> float:
@@ -330,10 +332,16 @@ class Phases:
                 drain = wait_drained(system, workers, self.args.sleeps, self.args.stall_timeout)
             finally:
                 self.stop(system, workers)
+            # From the first task's start to the last result: neither start-up nor storing
+            # results in batches (which makes the first-to-last-result window short) counts.
+            started = system.first_start()
         finally:
             system.close()
-        self.run.sleep_s[mode.label] = drain.seconds
-        log(f"{self.label} sleep ({mode.label}): {drain.seconds:.2f} s")
+        if started is None:
+            raise BenchError("no sleep task recorded its start (bench/marks.py)")
+        seconds = drain.finished_wall - started
+        self.run.sleep_s[mode.label] = seconds
+        log(f"{self.label} sleep ({mode.label}): {seconds:.2f} s")
 
     def sleep_modes(self) -> list[str]:
         system = self.kind(self.place("modes"))

@@ -93,7 +93,16 @@ class NetSystem:
     def environment(self) -> dict[str, str]:
         """BENCH_* variables for the tasks module (here and in the worker)."""
         return {"BENCH_BROKER": self.broker_url(), "BENCH_BACKEND": self.backend_url(),
-                "BENCH_QUEUE": self.place.prefix}
+                "BENCH_QUEUE": self.place.prefix, "BENCH_MARK_URL": self.place.redis_url()}
+
+    def first_start(self) -> float | None:
+        """When the first sleep task started (wall clock; see marks.py), if one said so."""
+        client = self.place.redis.client(self.place.redis.broker_db)
+        try:
+            raw = client.get(f"{self.place.prefix}.first-start")
+        finally:
+            client.close()
+        return float(raw) if raw is not None else None
 
     def broker_url(self) -> str:
         if self.place.broker == "redis":

@@ -12,6 +12,7 @@ import logging
 import os
 
 from arq.connections import RedisSettings
+from marks import first_start
 
 REDIS = RedisSettings.from_dsn(os.environ["BENCH_BROKER"])
 QUEUE = os.environ["BENCH_QUEUE"]
@@ -22,6 +23,7 @@ async def noop(ctx):
 
 
 async def sleep(ctx):
+    first_start()
     await asyncio.sleep(0.01)
 
 

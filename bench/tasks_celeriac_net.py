@@ -9,6 +9,8 @@ import asyncio
 import os
 import time
 
+from marks import first_start
+
 from celeriac import Celeriac
 
 app = Celeriac(
@@ -26,9 +28,11 @@ def noop():
 
 @app.task
 def sleep():
+    first_start()
     time.sleep(0.01)
 
 
 @app.task
 async def sleep_async():
+    first_start()
     await asyncio.sleep(0.01)

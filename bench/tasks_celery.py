@@ -8,6 +8,7 @@ import os
 import time
 
 from celery import Celery
+from marks import first_start
 
 QUEUE = os.environ["BENCH_QUEUE"]
 
@@ -28,4 +29,5 @@ def noop():
 
 @app.task
 def sleep():
+    first_start()
     time.sleep(0.01)

@@ -11,6 +11,7 @@ import time
 import dramatiq
 from dramatiq.results import Results
 from dramatiq.results.backends import RedisBackend
+from marks import first_start
 
 BROKER = os.environ["BENCH_BROKER"]
 QUEUE = os.environ["BENCH_QUEUE"]
@@ -36,4 +37,5 @@ def noop():
 
 @dramatiq.actor(queue_name=QUEUE, store_results=True)
 def sleep():
+    first_start()
     time.sleep(0.01)

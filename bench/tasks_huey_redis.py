@@ -9,6 +9,7 @@ import os
 import time
 
 from huey import RedisHuey
+from marks import first_start
 
 huey = RedisHuey(os.environ["BENCH_QUEUE"], url=os.environ["BENCH_BROKER"], store_none=True,
                  notify_result=True)
@@ -21,4 +22,5 @@ def noop():
 
 @huey.task()
 def sleep():
+    first_start()
     time.sleep(0.01)

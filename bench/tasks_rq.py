@@ -5,10 +5,13 @@ RQ's workers import them as ``tasks_rq.noop`` and ``tasks_rq.sleep``.
 
 import time
 
+from marks import first_start
+
 
 def noop():
     return None
 
 
 def sleep():
+    first_start()
     time.sleep(0.01)

@@ -11,6 +11,7 @@ taskiq-redis 1.2.4, so its worker never stops by itself. On RabbitMQ taskiq-aio-
 import asyncio
 import os
 
+from marks import first_start
 from taskiq_redis import RedisAsyncResultBackend
 
 BROKER = os.environ["BENCH_BROKER"]
@@ -39,4 +40,5 @@ async def noop():
 
 @broker.task
 async def sleep():
+    first_start()
     await asyncio.sleep(0.01)

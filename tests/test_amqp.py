@@ -239,6 +239,24 @@ class TestRPCBackend(BackendContract):
 
 
 # -- what only the AMQP transport promises ---------------------------------------------------
+def _on_a_channel(url: str, action: Callable[[Any], Any]) -> None:
+    """Run ``await action(channel)`` on a connection of its own (behind the transport's back)."""
+    import aiormq
+
+    async def run() -> None:
+        conn = await aiormq.connect(url)
+        await action(await conn.channel())
+        await conn.close()
+
+    asyncio.run(run())
+
+
+def _declare_capped(url: str, name: str, length: int) -> None:
+    """A queue that refuses publishes once it holds ``length`` messages (the broker nacks)."""
+    _on_a_channel(url, lambda channel: channel.queue_declare(name, durable=True, arguments={
+        "x-max-length": length, "x-overflow": "reject-publish"}))
+
+
 @pytest.fixture
 def amqp(make_transport: Factory) -> AMQPTransport:
     transport = make_transport(clock=time.time)
@@ -256,16 +274,7 @@ def test_a_confirmed_publish_is_in_the_queue(amqp: AMQPTransport, make_transport
 
 def test_a_publish_the_broker_refuses_raises(amqp: AMQPTransport, amqp_server: str,
                                              prefix: str) -> None:
-    import aiormq
-
-    async def capped() -> None:
-        conn = await aiormq.connect(amqp_server)
-        channel = await conn.channel()
-        await channel.queue_declare(f"{prefix}capped", durable=True, arguments={
-            "x-max-length": 1, "x-overflow": "reject-publish"})
-        await conn.close()
-
-    asyncio.run(capped())
+    _declare_capped(amqp_server, f"{prefix}capped", 1)
     amqp.publish("capped", message(1))
     with pytest.raises(TransportError, match="capped"):
         amqp.publish("capped", message(2))
@@ -538,18 +547,10 @@ def test_publishes_to_a_declared_queue_go_direct_and_arrive_intact(
 
 def test_a_queue_deleted_behind_the_direct_publisher_is_declared_again(
         amqp: AMQPTransport, amqp_server: str, prefix: str) -> None:
-    import aiormq
-
     amqp.publish("q", message(1))
     amqp.publish("q", message(2))  # direct: the publisher now knows the queue
 
-    async def delete() -> None:
-        conn = await aiormq.connect(amqp_server)
-        channel = await conn.channel()
-        await channel.queue_delete(f"{prefix}q")
-        await conn.close()
-
-    asyncio.run(delete())
+    _on_a_channel(amqp_server, lambda channel: channel.queue_delete(f"{prefix}q"))
     amqp.publish("q", message(3))  # returned unroutable, then declared and sent again
     assert numbers(amqp.fetch("c1", ["q"], 5, 0)) == [3]
 
@@ -639,19 +640,11 @@ def test_publish_many_to_declared_queues_goes_direct_in_order_and_intact(
 def test_publish_many_hands_what_a_deleted_queue_returned_to_the_io_thread(
         amqp: AMQPTransport, amqp_server: str, prefix: str,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import aiormq
-
     for queue in ("q", "other"):
         amqp.publish(queue, message(0))  # declared
         amqp.publish(queue, message(0))  # direct: the publisher now knows the queue
 
-    async def delete() -> None:
-        conn = await aiormq.connect(amqp_server)
-        channel = await conn.channel()
-        await channel.queue_delete(f"{prefix}q")
-        await conn.close()
-
-    asyncio.run(delete())
+    _on_a_channel(amqp_server, lambda channel: channel.queue_delete(f"{prefix}q"))
     calls = _link_batches(amqp, monkeypatch, allowed=True)
     amqp.publish_many([("q" if n % 3 else "other", message(n), 0) for n in range(1, 1201)])
     to_q = [n for n in range(1, 1201) if n % 3]
@@ -689,16 +682,7 @@ def test_publish_many_on_a_connection_the_broker_closes_loses_nothing(
 def test_publish_many_says_how_many_the_broker_refused(
         amqp: AMQPTransport, amqp_server: str, prefix: str,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import aiormq
-
-    async def capped() -> None:
-        conn = await aiormq.connect(amqp_server)
-        channel = await conn.channel()
-        await channel.queue_declare(f"{prefix}capped", durable=True, arguments={
-            "x-max-length": 2, "x-overflow": "reject-publish"})
-        await conn.close()
-
-    asyncio.run(capped())
+    _declare_capped(amqp_server, f"{prefix}capped", 2)
     amqp.publish("capped", message(1))
     _link_batches(amqp, monkeypatch, allowed=False)
     with pytest.raises(TransportError, match="refused 4 of 5 messages"):
