@@ -10,8 +10,6 @@ batches) counts for or against it. One Redis call per worker process, not per ta
 import os
 import time
 
-import redis
-
 _marked = False
 
 
@@ -21,6 +19,9 @@ def first_start() -> None:
         return
     _marked = True
     now = time.time()
+    import redis  # here, not at the top: the tasks modules import this one, and a worker's
+    # idle memory (measured after the noop phase) must not include a client it never used
+
     client = redis.Redis.from_url(os.environ["BENCH_MARK_URL"])
     try:
         client.set(f"{os.environ['BENCH_QUEUE']}.first-start", repr(now), nx=True)
