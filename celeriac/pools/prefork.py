@@ -352,7 +352,8 @@ def _child_main(app: Celeriac, sock: socket.socket, hostname: str, parent_pid: i
             progress.set(index, started, done)
             channel.starting()
             if cancels.holds(index, job.job_id):
-                outcome = revoked_outcome(app, job, "revoked before it started")
+                outcome = hand_over.attach(revoked_outcome(app, job, "revoked before it started",
+                                                           store=hand_over))
             else:
                 outcome = hand_over.attach(execute(app, job, hostname, soft.around, hand_over))
             done += 1

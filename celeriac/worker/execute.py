@@ -209,9 +209,10 @@ def ending(job: Job, exc: BaseException, trace: str | None, runtime: float,
                     f"{type(exc).__name__}: {saferepr(str(exc), 300)}", pid))
 
 
-def revoked_outcome(app: Celeriac, job: Job, why: str, runtime: float = 0.0) -> Outcome:
+def revoked_outcome(app: Celeriac, job: Job, why: str, runtime: float = 0.0,
+                    store: Store | None = None) -> Outcome:
     """Record ``job`` as REVOKED (``why``: terminated, revoked before it started ...)."""
     error = TaskRevokedError(why)
-    app.backend.store(make_meta(job.task_id, states.REVOKED, exception_to_meta(error)),
-                      job.reply_to)
+    (store or app.backend.store)(make_meta(job.task_id, states.REVOKED, exception_to_meta(error)),
+                                 job.reply_to)
     return Outcome(job.job_id, job.task_id, states.REVOKED, runtime, why, os.getpid())
