@@ -284,3 +284,16 @@ def amqp_server() -> str:
     """The URL of the test RabbitMQ server."""
     require_server("RabbitMQ", "127.0.0.1", 5672)
     return AMQP_URL
+
+
+def ping_and_add(app: Any) -> tuple[Any, Any]:
+    """Two small tasks on ``app``: ``ping()`` returns "pong", ``add(x, y)`` the sum."""
+    @app.task
+    def ping():
+        return "pong"
+
+    @app.task
+    def add(x, y):
+        return x + y
+
+    return ping, add

@@ -20,6 +20,8 @@ from celeriac.protocol import Message, decode_body, fresh_ids, read_task_headers
 from celeriac.result import exception_to_meta
 from celeriac.results import make_meta
 
+from .conftest import ping_and_add
+
 
 @pytest.fixture
 def app() -> Celeriac:
@@ -210,22 +212,10 @@ def test_retry_keeps_the_original_callers_reply_to(app):
     assert delivery.message.headers["retries"] == 1
 
 
-def _ping_and_add(app):
-    @app.task
-    def ping():
-        return "pong"
-
-    @app.task
-    def add(x, y):
-        return x + y
-
-    return ping, add
-
-
 def test_send_many_gives_each_identical_call_its_own_id(app):
     """A run of identical calls is built once and rebadged: every message still carries its
     own id everywhere (id, root_id, correlation_id, and the envelope stores keep)."""
-    ping, add = _ping_and_add(app)
+    ping, add = ping_and_add(app)
 
     sigs = [ping.s() for _ in range(5)] + [add.s(1, 2), add.s(1, 2)] + [ping.s()] * 3
     group_result = app.send_many(sigs)
@@ -252,7 +242,7 @@ def test_send_many_long_runs_go_out_as_copies_in_order(app, monkeypatch):
     message and its ids; shorter runs and other calls as messages; all in sending order."""
     from celeriac import bulk
 
-    ping, add = _ping_and_add(app)
+    ping, add = ping_and_add(app)
 
     copies = []
     real = app.transport.publish_copies

@@ -23,6 +23,7 @@ from celeriac.transports import Delivery, Transport, open_transport
 from celeriac.transports import redis_keys as K
 from celeriac.transports.redis import RedisTransport
 from celeriac.transports.redis_conn import redis_params
+from tests.conftest import ping_and_add
 from tests.contract.backend_suite import BackendContract
 from tests.contract.conftest_helpers import FakeClock, eventually
 from tests.contract.transport_suite import LEASE, TransportContract, in_thread, message, numbers
@@ -375,14 +376,7 @@ def test_send_many_on_redis_keeps_order_and_ids(url: str) -> None:
 
     app = Celeriac("bulk", broker=url, environ={})
     try:
-        @app.task
-        def ping():
-            return "pong"
-
-        @app.task
-        def add(x, y):
-            return x + y
-
+        ping, add = ping_and_add(app)
         sigs = [ping.s() for _ in range(1200)] + [add.s(1, 2)] + [ping.s() for _ in range(40)]
         group_result = app.send_many(sigs)
         got = app.transport.fetch("c1", [app.conf.task_default_queue], 2000, 0)
