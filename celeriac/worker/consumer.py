@@ -4,10 +4,11 @@ It fetches messages in batches (up to the prefetch count), checks each one (head
 task, accepted content, delivery count, revoked, expired), holds ETA tasks on a timer,
 hands due tasks to the pool as slots free up, acks (early by default, after the task with
 ``acks_late``) in batches, and renews its leases from a heartbeat. Nothing in it blocks:
-fetches run on the worker's I/O thread, everything else that talks to the broker or the
-result store (acks, results, requeues, dead letters, lease renewals) on a settle thread of
-its own, so a finished task's result never waits for a fetch that is blocked waiting for
-messages to return.
+fetches run on the worker's I/O thread (with the early acks of the tasks the last fetch
+started, :meth:`Transport.ack_then_fetch`), everything else that talks to the broker or the
+result store (other acks, results, requeues, dead letters, lease renewals) on a settle thread
+of its own, so a finished task's result never waits for a fetch that is blocked waiting for
+messages to return, nor behind its own ack.
 """
 
 from __future__ import annotations
