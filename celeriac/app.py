@@ -22,7 +22,7 @@ from .config import Settings
 from .control.client import Control
 from .exceptions import ConfigurationError, NotRegistered
 from .result import AsyncResult, ExceptionRegistry, GroupResult
-from .results import ResultBackend, open_backend
+from .results import ChildStore, ResultBackend, open_backend, open_child_store
 from .task import Context, Task
 from .transports import Transport, open_transport
 from .urls import mask_url, scheme_of
@@ -148,6 +148,14 @@ class Celeriac:
                             self.conf.result_backend_transport_options),
                         broker=lambda: self.transport)
         return self._backend
+
+    def child_result_store(self) -> ChildStore | None:
+        """What a prefork child stores its results with, or None (it hands them to the
+        worker): see :func:`celeriac.results.open_child_store`."""
+        return open_child_store(
+            self.result_backend_url, clock=self.clock, expires=self.conf.result_expires,
+            serializer=self.conf.result_serializer,
+            options=self._connection_options(self.conf.result_backend_transport_options))
 
     def _connection_options(self, extra: Mapping[str, Any] | None) -> dict[str, Any]:
         """Options for opening a connection: the retry policy, then the given overrides."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import pickle
 
+import pytest
+
 from celeriac.pools.prefork import _frame, _frames, _runtime_average
 from celeriac.worker.execute import Job, Outcome
 
@@ -59,3 +61,89 @@ def test_a_reader_fed_in_pieces_gives_every_frame_once():
         for start in range(0, len(stream), piece):
             got += reader.feed(stream[start:start + piece])
         assert got == [[JOB.to_tuple()], big, [JOB.to_tuple()] * 2]
+
+
+class _Store:
+    """A result store that records batches (or fails, to test the fallback)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.batches: list[tuple[list[dict], str | None]] = []
+
+    def store_many(self, metas, reply_to=None):
+        if self.fail:
+            raise ConnectionError("result store is down")
+        self.batches.append((list(metas), reply_to))
+
+
+@pytest.fixture
+def channel_pair():
+    """A factory: a child's channel (with the given store), the parent's socket, a reader."""
+    import socket
+
+    from celeriac.pools.prefork import _Channel, _Reader
+
+    made: list[socket.socket] = []
+
+    def make(store):
+        parent, child = socket.socketpair()
+        made.extend((parent, child))
+        return _Channel(child, store), parent, _Reader()
+
+    yield make
+    for sock in made:
+        sock.close()
+
+
+def _finished(channel, job_id, reply_to):
+    meta = {"task_id": f"t{job_id}", "status": "SUCCESS", "result": job_id}
+    job = dataclasses.replace(JOB, job_id=job_id, task_id=f"t{job_id}", reply_to=reply_to,
+                              time_limit=None, soft_time_limit=None)
+    outcome = Outcome(job_id, f"t{job_id}", "SUCCESS", 0.0, "", 1, results=(meta,))
+    channel.finished(job, outcome, False)
+    return meta
+
+
+def test_a_child_with_a_store_stores_results_before_it_reports_the_outcomes(channel_pair):
+    store = _Store()
+    channel, parent, reader = channel_pair(store)
+    meta = _finished(channel, 1, "r1")  # nothing queued: sent at once
+    (_, outcomes), = reader.feed(parent.recv(1 << 16))
+    assert store.batches == [([meta], "r1")]
+    assert [Outcome(*fields).results for fields in outcomes] == [()]  # nothing left to store
+
+
+def test_held_outcomes_are_stored_in_one_batch_per_reply_to(channel_pair):
+    store = _Store()
+    channel, parent, reader = channel_pair(store)
+    channel.held, channel.replies = [], []
+    metas = []
+    for job_id, reply_to in ((1, "a"), (2, "b"), (3, "a")):  # held: sent together
+        metas.append({"task_id": f"t{job_id}", "status": "SUCCESS", "result": job_id})
+        channel.held.append(Outcome(job_id, f"t{job_id}", "SUCCESS", 0.0,
+                                    results=(metas[-1],)).to_tuple())
+        channel.replies.append(reply_to)
+    channel.send_held(False)
+    (_, outcomes), = reader.feed(parent.recv(1 << 16))
+    assert sorted(store.batches, key=lambda b: str(b[1])) == [
+        ([metas[0], metas[2]], "a"), ([metas[1]], "b")]
+    assert all(fields[8] == () for fields in outcomes) and len(outcomes) == 3
+
+
+def test_a_child_that_cannot_store_hands_the_results_to_the_worker(channel_pair, caplog):
+    channel, parent, reader = channel_pair(_Store(fail=True))
+    meta = _finished(channel, 1, None)
+    (_, outcomes), = reader.feed(parent.recv(1 << 16))
+    assert Outcome(*outcomes[0]).results == (meta,)
+    assert "could not store 1 result(s), the worker will" in caplog.text
+
+
+def test_outcomes_sent_from_a_signal_handler_carry_their_results(channel_pair):
+    store = _Store()
+    channel, parent, reader = channel_pair(store)
+    meta = {"task_id": "t1", "status": "SUCCESS", "result": 1}
+    channel.held = [Outcome(1, "t1", "SUCCESS", 0.0, results=(meta,)).to_tuple()]
+    channel.replies = [None]
+    channel.before_exit()  # (SIGTERM or the hold deadline: the store may be mid-call)
+    (_, outcomes), = reader.feed(parent.recv(1 << 16))
+    assert store.batches == [] and Outcome(*outcomes[0]).results == (meta,)

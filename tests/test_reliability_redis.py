@@ -289,7 +289,7 @@ def test_bad_messages_are_dead_lettered_with_a_reason(project: BrokerProject,
 
 
 # -- Footprint: pool children are forked before the broker's client library is loaded ----------
-def test_prefork_children_are_forked_before_the_broker_client_loads(
+def test_prefork_children_never_load_the_broker_client_and_store_results_themselves(
         project: BrokerProject, start_worker: Callable[..., WorkerProcess]) -> None:
     with open(project.path / "proj.py", "a") as module:
         module.write("\n@app.task\ndef loaded(name):\n    import sys\n"
@@ -298,5 +298,12 @@ def test_prefork_children_are_forked_before_the_broker_client_loads(
     app = project.app()
     runs = [app.send_task("proj.loaded", ("redis",)).get(timeout=20) for _ in range(3)]
     assert len({pid for _, pid in runs}) == 1 and runs[0][1] != worker.pid  # one pool child
-    # ...which never loads redis-py, before or after handing results to the parent
+    # ...which never loads redis-py, though it stores the results itself on a connection of
+    # its own (named after it)
     assert [in_child for in_child, _ in runs] == [False, False, False]
+    raw = redis.Redis.from_url(project.backend.split("?")[0])
+    try:
+        names = {client["name"] for client in raw.client_list()}
+    finally:
+        raw.close()
+    assert f"celeriac-pool-child-{runs[0][1]}" in names

@@ -3,7 +3,9 @@
 The parent talks to each child over its own socket pair (length-prefixed pickles of
 :class:`Job` and :class:`Outcome`; both ends are our own processes) and always knows which
 child runs which job, so it can signal one child, notice its death, and start a fresh one in
-the same slot. Children receive raw message bodies and decode them themselves.
+the same slot. Children receive raw message bodies and decode them themselves; where the
+result store allows it (:func:`~celeriac.results.open_child_store`), they store the results
+too, in batches.
 
 Forking happens on the worker's I/O thread, the only thread of the parent that touches
 broker or result-store connections, so no other thread can hold their locks at fork time.
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import SoftTimeLimitExceeded
+from ..results import ChildStore
 from ..worker.execute import LOST, HandOver, Job, Outcome, execute, revoked_outcome
 from .base import Pool, PoolLimits
 
@@ -241,12 +244,20 @@ class _Channel:
     time limits, at most ``_HOLD_COUNT`` outcomes): a child with nothing else to do sends
     what it holds before it waits for more work, and a job that runs long (``_HOLD_FOR``
     seconds after the first held outcome) is interrupted by ``SIGALRM`` to send them.
+
+    With a ``store`` (:func:`~celeriac.results.open_child_store`), the
+    results of the held outcomes are stored in one batch just before they are sent, so the
+    worker acks ``acks_late`` messages only after their results are in; if that fails, or
+    the outcomes go out from a signal handler, the results travel with the outcomes and the
+    worker stores them.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, store: ChildStore | None = None) -> None:
         self.sock = sock
+        self.store = store
         self.queue: collections.deque[tuple[Any, ...]] = collections.deque()
         self.held: list[tuple[Any, ...]] = []
+        self.replies: list[str | None] = []  # reply_to of each held outcome's job
         self.held_since = 0.0
         self.sending = False
         self.alarm = False
@@ -291,6 +302,7 @@ class _Channel:
         if not self.held:
             self.held_since = time.monotonic()
         self.held.append(outcome.to_tuple())
+        self.replies.append(job.reply_to)
         if not self.queue:
             self.take(block=False)
         if retiring or not self.queue or not self._may_hold(self.queue[0]):
@@ -302,21 +314,43 @@ class _Channel:
                 and self.runtimes.get(upcoming[2], 1.0) < SHORT_RUNTIME
                 and time.monotonic() - self.held_since < _HOLD_FOR)
 
-    def send_held(self, retiring: bool) -> None:
+    def send_held(self, retiring: bool, store: bool = True) -> None:
         if self.held:
+            if store and self.store is not None:
+                self._store_results()
             self.sending = True  # (a signal handler sending in between would garble frames)
             try:
-                frame, self.held = _frame((retiring, self.held)), []
+                frame, self.held, self.replies = _frame((retiring, self.held)), [], []
                 self.sock.sendall(frame)
             finally:
                 self.sending = False
 
+    def _store_results(self) -> None:
+        """Store the held outcomes' results (an outcome tuple has them at 8) in one batch
+        per ``reply_to``; once stored, the outcomes go without them."""
+        assert self.store is not None
+        by_reply: dict[str | None, list[dict[str, Any]]] = {}
+        for fields, reply_to in zip(self.held, self.replies, strict=True):
+            if fields[8]:
+                by_reply.setdefault(reply_to, []).extend(fields[8])
+        if not by_reply:
+            return
+        try:
+            for reply_to, metas in by_reply.items():
+                self.store.store_many(metas, reply_to)
+        except Exception as exc:
+            log.warning("Pool child %d could not store %d result(s), the worker will: %s",
+                        os.getpid(), sum(map(len, by_reply.values())), exc)
+            return
+        self.held = [(*fields[:8], ()) for fields in self.held]
+
     def before_exit(self) -> None:
         """Send what is held back (from a signal handler too: never in the middle of
-        sending another frame)."""
+        sending another frame, and without storing: the interrupted code may be using the
+        result store's connection)."""
         if not self.sending:
             with contextlib.suppress(OSError):
-                self.send_held(False)
+                self.send_held(False, store=False)
 
 
 def _child_main(app: Celeriac, sock: socket.socket, hostname: str, parent_pid: int,
@@ -325,7 +359,7 @@ def _child_main(app: Celeriac, sock: socket.socket, hostname: str, parent_pid: i
     """The body of a pool child: run jobs until the parent closes the socket or a limit
     (tasks or memory per child) says it is time to make way for a fresh process."""
     code = 0
-    channel = _Channel(sock)
+    channel = _Channel(sock, app.child_result_store())
     try:
         multiprocessing.current_process().name = f"PoolWorker-{index}"
         with contextlib.suppress(ValueError):
@@ -341,8 +375,8 @@ def _child_main(app: Celeriac, sock: socket.socket, hostname: str, parent_pid: i
         if limits.child_setup is not None:
             limits.child_setup(index)
         soft, started, done = _SoftLimit(channel.before_exit), 0, 0
-        # The parent stores results in batches; a child never opens the result store (nor
-        # loads its client library).
+        # Results are kept with the outcomes: the channel stores them in a batch before it
+        # sends the outcomes (stores_in_children), else the parent stores them in batches.
         hand_over = HandOver(app.conf.result_serializer)
 
         # Runs until the parent closes the socket: after reporting "retiring" (a limit was

@@ -29,6 +29,7 @@ from ..transports.redis_conn import (
     require_redis,
 )
 from .base import ResultBackend
+from .redis_writer import result_document
 
 try:
     import redis
@@ -78,10 +79,7 @@ class RedisBackend(ResultBackend):
     # -- documents ----------------------------------------------------------------------------
     def _document(self, meta: dict[str, Any]) -> tuple[bytes, int]:
         """The bytes to store and their time to live in ms (0: forever)."""
-        if not self.expires:
-            return self.encode(meta), 0
-        return (self.encode({**meta, _FIELD: self.clock() + self.expires}),
-                max(1, int(self.expires * 1000)))
+        return result_document(meta, self.serializer, self.clock, self.expires)
 
     def _live(self, raw: Any) -> dict[str, Any] | None:
         if raw is None:

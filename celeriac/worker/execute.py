@@ -77,7 +77,8 @@ class Outcome:
     pid: int = 0
     reject_reason: str | None = None
     timed_out: bool = False
-    #: result metas the worker's main process stores (prefork children hand them over)
+    #: result metas the worker's main process stores (handed over by the pool; prefork
+    #: children send none when they stored them themselves)
     results: tuple[dict[str, Any], ...] = ()
 
     def to_tuple(self) -> tuple[Any, ...]:
