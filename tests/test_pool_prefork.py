@@ -121,13 +121,13 @@ def test_adaptive_default_pipelines_short_tasks(app):
     async def scenario(pool: PreforkPool) -> list[Outcome]:
         assert pool.adaptive and pool.info()["pipelining"] == "adaptive"
         await learn(pool, "pf.noop")
-        futures = [pool.apply(job("pf.noop")) for _ in range(8)]
-        assert sorted(queued(pool).values()) == [4, 4]  # none left waiting in the pool
-        assert pool.waiting == 6 and pool.free == 0
+        futures = [pool.apply(job("pf.noop")) for _ in range(16)]
+        assert sorted(queued(pool).values()) == [8, 8]  # none left waiting in the pool
+        assert pool.waiting == 14 and pool.free == 0
         return list(await asyncio.gather(*futures))
 
     outcomes = run(app, scenario)
-    assert [o.state for o in outcomes] == [states.SUCCESS] * 8
+    assert [o.state for o in outcomes] == [states.SUCCESS] * 16
 
 
 def test_adaptive_default_sends_a_task_of_unknown_length_only_to_an_idle_process(app):
@@ -151,7 +151,7 @@ def test_a_slow_task_gets_nothing_queued_behind_it_while_another_process_is_free
         slow = job("pf.gate", "slow")
         slow_future = pool.apply(slow)
         slow_pid = pool.job_pid(slow.job_id)
-        shorts = [job("pf.noop") for _ in range(3)]
+        shorts = [job("pf.noop") for _ in range(7)]
         short_futures = [pool.apply(j) for j in shorts]
         assert queued(pool)[slow_pid] == 1
         assert all(pool.job_pid(j.job_id) not in (0, slow_pid) for j in shorts)
@@ -199,7 +199,7 @@ def test_the_worker_default_is_adaptive(app):
 
 # -- outcomes held back ---------------------------------------------------------------------
 def test_held_back_outcomes_come_together_and_the_parent_knows_the_running_job(
-        app, tmp_path, hold_long):  # only the queue running dry sends what is held
+        app, tmp_path, hold_long):  # only a queue down to its last job sends what is held
 
     async def scenario(pool: PreforkPool) -> None:
         await learn(pool, "pf.noop")
@@ -210,17 +210,18 @@ def test_held_back_outcomes_come_together_and_the_parent_knows_the_running_job(
         futures = [pool.apply(j) for j in shorts]
         gate = job("pf.gate", "held")
         gate_future = pool.apply(gate)
+        last = pool.apply(job("pf.noop"))  # (with one job left queued, it would send them)
         await started(tmp_path, "held")
         assert not any(f.done() for f in futures)  # finished, but held back in the child
         pool._sync(child)
         assert child.job == gate  # jobs[0] is the running job
         assert [j for j, _ in child.finished] == shorts
-        assert pool.waiting == 0
+        assert pool.waiting == 1
         assert not pool.terminate_job(shorts[0].job_id, signal.SIGTERM)  # finished already
         assert pool.job_pid(gate.job_id) == child.pid
         (tmp_path / "held").touch()
-        outcomes = await asyncio.gather(*futures, gate_future)
-        assert [o.state for o in outcomes] == [states.SUCCESS] * 4
+        outcomes = await asyncio.gather(*futures, gate_future, last)
+        assert [o.state for o in outcomes] == [states.SUCCESS] * 5
         assert {o.pid for o in outcomes} == {child.pid}
 
     run(app, scenario, concurrency=1)
@@ -234,6 +235,22 @@ def test_a_long_running_short_task_does_not_keep_outcomes_back(app, tmp_path):
         await asyncio.gather(*futures)  # sent while the gate task is still busy
         assert not gate_future.done()
         (tmp_path / "stuck").touch()
+        assert (await gate_future).state == states.SUCCESS
+
+    run(app, scenario, concurrency=1)
+
+
+def test_a_child_sends_what_it_holds_when_down_to_its_last_queued_job(app, tmp_path,
+                                                                      hold_long):
+    async def scenario(pool: PreforkPool) -> None:
+        await learn_short_noop_and_gate(pool, tmp_path)
+        [child] = pool._children.values()
+        futures = [pool.apply(job("pf.noop")) for _ in range(2)]
+        gate_future = pool.apply(job("pf.gate", "busy"))  # the last job: short, but stuck
+        await asyncio.wait_for(asyncio.gather(*futures), 10)  # while it runs, not after
+        pool._sync(child)
+        assert not gate_future.done() and not child.finished
+        (tmp_path / "busy").touch()
         assert (await gate_future).state == states.SUCCESS
 
     run(app, scenario, concurrency=1)
@@ -280,14 +297,15 @@ def test_the_hard_limit_of_a_finished_job_whose_outcome_is_held_kills_nothing(
         first = pool.apply(job("pf.noop", time_limit=0.2))
         second = pool.apply(job("pf.noop"))
         gate_future = pool.apply(job("pf.gate", "after"))
+        last = pool.apply(job("pf.noop"))  # keeps the outcomes held while the gate runs
         await started(tmp_path, "after")
         assert child.hard_timer is not None  # armed for the first job, which has finished
         while child.hard_timer is not None:  # until it fires
             await asyncio.sleep(0.01)
         assert pool.pids == [child.pid] and not gate_future.done()
         (tmp_path / "after").touch()
-        outcomes = await asyncio.gather(first, second, gate_future)
-        assert [o.state for o in outcomes] == [states.SUCCESS] * 3
+        outcomes = await asyncio.gather(first, second, gate_future, last)
+        assert [o.state for o in outcomes] == [states.SUCCESS] * 4
         assert {o.pid for o in outcomes} == {child.pid}
 
     run(app, scenario, concurrency=1)

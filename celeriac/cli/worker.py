@@ -67,7 +67,7 @@ def _split(values: tuple[str, ...]) -> list[str]:
                    "KiB of resident memory.")
 @click.option("-O", "optimization", type=click.Choice(["fair", "fast"]), default=None,
               help="How many tasks a prefork process may hold. Default (adaptive): one, "
-                   "plus up to 3 queued behind it only while all of them are of task types "
+                   "plus up to 7 queued behind it only while all of them are of task types "
                    "whose recent runs took under 1 ms, so floods of tiny tasks are "
                    "pipelined and a task of a slow type never has others waiting behind "
                    "it. fair: a process gets a task only when idle. fast: up to 4 tasks are "

@@ -58,6 +58,9 @@ SHORT_RUNTIME = 0.001
 #: How many outcomes a child may hold back, and for how long (seconds) at most.
 _HOLD_COUNT = 16
 _HOLD_FOR = 0.002
+#: A child sends what it holds once fewer jobs than this wait in its queue, so the parent
+#: sends it more while it runs the last one instead of after it runs dry.
+_LOW_WATER = 2
 #: Weight of the newest run in the per-task-name runtime average (a slower run counts fully).
 _RUNTIME_WEIGHT = 0.25
 
@@ -241,9 +244,11 @@ class _Channel:
     Jobs arrive as frames holding lists of job tuples; outcomes leave as frames holding
     ``(retiring, [outcome tuples])``. An outcome is held back only while the child goes on
     at once with another queued job of a task type that has been short in this process (no
-    time limits, at most ``_HOLD_COUNT`` outcomes): a child with nothing else to do sends
-    what it holds before it waits for more work, and a job that runs long (``_HOLD_FOR``
-    seconds after the first held outcome) is interrupted by ``SIGALRM`` to send them.
+    time limits, at most ``_HOLD_COUNT`` outcomes) and at least ``_LOW_WATER`` jobs are
+    queued: a child sends what it holds when its queue is down to its last job (so the
+    parent sends more while it runs that one) or empty, and a job that runs long
+    (``_HOLD_FOR`` seconds after the first held outcome) is interrupted by ``SIGALRM`` to
+    send them.
 
     With a ``store`` (:func:`~celeriac.results.open_child_store`), the
     results of the held outcomes are stored in one batch just before they are sent, so the
@@ -305,7 +310,7 @@ class _Channel:
         self.replies.append(job.reply_to)
         if not self.queue:
             self.take(block=False)
-        if retiring or not self.queue or not self._may_hold(self.queue[0]):
+        if retiring or len(self.queue) < _LOW_WATER or not self._may_hold(self.queue[0]):
             self.send_held(retiring)
 
     def _may_hold(self, upcoming: tuple[Any, ...]) -> bool:
@@ -449,7 +454,7 @@ class PreforkPool(Pool):
 
     name = "prefork"
     #: jobs per child in adaptive mode
-    adaptive_depth = 4
+    adaptive_depth = 8
     #: adaptive mode queues nothing more behind a job running (to our knowledge) this long
     head_age = 0.005
 
