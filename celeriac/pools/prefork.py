@@ -364,8 +364,9 @@ def _child_main(app: Celeriac, sock: socket.socket, hostname: str, parent_pid: i
     """The body of a pool child: run jobs until the parent closes the socket or a limit
     (tasks or memory per child) says it is time to make way for a fresh process."""
     code = 0
-    channel = _Channel(sock, app.child_result_store())
+    channel = _Channel(sock)
     try:
+        channel.store = app.child_result_store()
         multiprocessing.current_process().name = f"PoolWorker-{index}"
         with contextlib.suppress(ValueError):
             signal.set_wakeup_fd(-1)
@@ -381,7 +382,7 @@ def _child_main(app: Celeriac, sock: socket.socket, hostname: str, parent_pid: i
             limits.child_setup(index)
         soft, started, done = _SoftLimit(channel.before_exit), 0, 0
         # Results are kept with the outcomes: the channel stores them in a batch before it
-        # sends the outcomes (stores_in_children), else the parent stores them in batches.
+        # sends the outcomes (if it has a store), else the parent stores them in batches.
         hand_over = HandOver(app.conf.result_serializer)
 
         # Runs until the parent closes the socket: after reporting "retiring" (a limit was

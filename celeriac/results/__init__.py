@@ -14,7 +14,6 @@ from .base import Clock, ResultBackend, make_meta
 __all__ = ["ChildStore", "ResultBackend", "make_meta", "open_backend", "open_child_store"]
 
 
-
 class ChildStore(Protocol):
     """What prefork children store results with (:func:`open_child_store`)."""
 
