@@ -280,6 +280,16 @@ def redis_server() -> str:
 
 
 @pytest.fixture
+def redis_db1(redis_server: str) -> Iterator[Any]:
+    """A plain redis-py client on database 1, where result tests keep their keys."""
+    import redis
+
+    client = redis.Redis.from_url(f"{redis_server.rstrip('/')}/1")
+    yield client
+    client.close()
+
+
+@pytest.fixture
 def amqp_server() -> str:
     """The URL of the test RabbitMQ server."""
     require_server("RabbitMQ", "127.0.0.1", 5672)

@@ -143,14 +143,6 @@ def make_broker(url: str) -> Iterator[Callable[..., RedisTransport]]:
 
 
 @pytest.fixture
-def raw1(redis_server: str) -> Iterator[Any]:
-    """A plain client on database 1, where the result tests keep their keys."""
-    client = redis.Redis.from_url(f"{redis_server.rstrip('/')}/1")
-    yield client
-    client.close()
-
-
-@pytest.fixture
 def make_backend_(redis_server: str, prefix: str) -> Iterator[Callable[..., ResultBackend]]:
     made: list[ResultBackend] = []
 
@@ -642,19 +634,19 @@ def test_wake_without_permission_for_client_unblock(acl_user: Callable[..., tupl
 
 # -- results -------------------------------------------------------------------------------------
 def test_result_key_name_expiry_and_channel(make_backend_: Callable[..., ResultBackend],
-                                            raw1: Any, prefix: str) -> None:
+                                            redis_db1: Any, prefix: str) -> None:
     backend = make_backend_(time.time, expires=60.0)
-    pubsub = raw1.pubsub()
+    pubsub = redis_db1.pubsub()
     pubsub.subscribe(f"{prefix}celery-task-meta-t1")
     eventually(lambda: pubsub.get_message(timeout=0.1))  # the subscribe confirmation
     meta = make_meta("t1", states.SUCCESS, result=[1, 2])
     backend.store(meta)
     key = f"{prefix}celery-task-meta-t1"
-    assert 0 < raw1.pttl(key) <= 60_000
-    stored = json.loads(raw1.get(key))
+    assert 0 < redis_db1.pttl(key) <= 60_000
+    stored = json.loads(redis_db1.get(key))
     assert stored["status"] == "SUCCESS" and stored["result"] == [1, 2]
     note = eventually(lambda: pubsub.get_message(timeout=0.1))
-    assert note["type"] == "message" and note["data"] == raw1.get(key)
+    assert note["type"] == "message" and note["data"] == redis_db1.get(key)
     pubsub.close()
 
 

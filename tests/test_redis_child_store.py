@@ -34,13 +34,6 @@ def url(redis_server: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def raw(redis_server: str) -> Iterator[Any]:
-    client = redis.Redis.from_url(f"{redis_server.rstrip('/')}/1")
-    yield client
-    client.close()
-
-
-@pytest.fixture
 def conn(url: str) -> Iterator[RespConnection]:
     connection = RespConnection(redis_params(url), "celeriac-test")
     yield connection
@@ -67,18 +60,18 @@ def test_every_kind_of_reply_comes_back_in_order(conn: RespConnection, url: str)
 
 
 def test_the_connection_selects_the_database_and_names_itself(conn: RespConnection, url: str,
-                                                              raw: Any) -> None:
+                                                              redis_db1: Any) -> None:
     conn.call([("SET", _prefix(url) + "here", "yes")])
-    assert raw.get(_prefix(url) + "here") == b"yes"  # database 1, as the URL says
-    names = [c["name"] for c in raw.client_list()]
+    assert redis_db1.get(_prefix(url) + "here") == b"yes"  # database 1, as the URL says
+    names = [c["name"] for c in redis_db1.client_list()]
     assert any(name.startswith("celeriac-test-") for name in names)
 
 
 def test_a_dropped_connection_raises_once_and_the_next_call_reconnects(
-        conn: RespConnection, raw: Any) -> None:
+        conn: RespConnection, redis_db1: Any) -> None:
     conn.call([("PING",)])
-    mine = [c for c in raw.client_list() if c["name"].startswith("celeriac-test-")]
-    raw.execute_command("CLIENT", "KILL", "ID", mine[0]["id"])
+    mine = [c for c in redis_db1.client_list() if c["name"].startswith("celeriac-test-")]
+    redis_db1.execute_command("CLIENT", "KILL", "ID", mine[0]["id"])
     with pytest.raises(TransportError, match="Redis at"):
         conn.call([("PING",)])
     assert conn.call([("PING",)]) == [b"PONG"]
@@ -104,18 +97,18 @@ def _writer(url: str, clock: Any = time.time, expires: float | None = 60.0) -> R
     return ResultWriter(url, clock=clock, expires=expires)
 
 
-def test_the_writer_stores_what_the_result_backend_stores(url: str, raw: Any) -> None:
+def test_the_writer_stores_what_the_result_backend_stores(url: str, redis_db1: Any) -> None:
     now = 1_800_000_000.0
     backend = open_backend(url, clock=lambda: now, expires=60.0)
     writer = _writer(url, clock=lambda: now)
     try:
         backend.store(make_meta("by-backend", states.SUCCESS, {"n": [1, "ü"]}))
         writer.store_many([make_meta("by-writer", states.SUCCESS, {"n": [1, "ü"]})])
-        ours = json.loads(raw.get(K.KeySpace(_prefix(url)).result("by-writer")))
-        theirs = json.loads(raw.get(K.KeySpace(_prefix(url)).result("by-backend")))
+        ours = json.loads(redis_db1.get(K.KeySpace(_prefix(url)).result("by-writer")))
+        theirs = json.loads(redis_db1.get(K.KeySpace(_prefix(url)).result("by-backend")))
         assert {**ours, "task_id": "x", "date_done": None} == {
             **theirs, "task_id": "x", "date_done": None}
-        assert 59_000 < raw.pttl(K.KeySpace(_prefix(url)).result("by-writer")) <= 60_000
+        assert 59_000 < redis_db1.pttl(K.KeySpace(_prefix(url)).result("by-writer")) <= 60_000
         assert backend.get("by-writer")["result"] == {"n": [1, "ü"]}
     finally:
         writer.close()
@@ -135,12 +128,12 @@ def test_the_writer_never_replaces_a_success(url: str) -> None:
 
 
 def test_the_writer_loads_the_script_again_after_a_server_forgot_it(url: str,
-                                                                    raw: Any) -> None:
+                                                                    redis_db1: Any) -> None:
     backend = open_backend(url, clock=time.time)
     writer = _writer(url)
     try:
         writer.store_many([make_meta("first", states.SUCCESS, 1)])
-        raw.script_flush()
+        redis_db1.script_flush()
         writer.store_many([make_meta("second", states.SUCCESS, 2),
                            make_meta("third", states.SUCCESS, 3)])
         assert [backend.get(i)["result"] for i in ("first", "second", "third")] == [1, 2, 3]
