@@ -5,6 +5,7 @@ the RESP connection (``celeriac.transports.resp``) and the writer
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -162,3 +163,51 @@ def test_children_store_their_own_results_only_on_plain_redis_with_json(
         url: str, serializer: str, writes: bool) -> None:
     store = open_child_store(url, clock=time.time, expires=None, serializer=serializer)
     assert isinstance(store, ResultWriter) is writes
+
+
+def test_a_user_and_password_in_the_url_log_the_connection_in(redis_server: str,
+                                                              redis_db1: Any) -> None:
+    user, password = f"celeriac-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    redis_db1.execute_command("ACL", "SETUSER", user, "on", f">{password}", "~*", "&*",
+                              "+@all")
+    try:
+        url = redis_server.replace("redis://", f"redis://{user}:{password}@").rstrip("/")
+        connection = RespConnection(redis_params(f"{url}/1"))
+        try:
+            assert connection.call([("ACL", "WHOAMI")]) == [user.encode()]
+        finally:
+            connection.close()
+    finally:
+        redis_db1.execute_command("ACL", "DELUSER", user)
+
+
+def test_a_unix_socket_url_connects_through_the_socket(tmp_path: Any) -> None:
+    import shutil
+    import subprocess
+
+    server = shutil.which("redis-server")
+    if server is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("redis-server is not installed; under CI=true that is a failure")
+        pytest.skip("redis-server is not installed")
+    path = tmp_path / "redis.sock"
+    proc = subprocess.Popen([server, "--port", "0", "--unixsocket", str(path), "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        writer = ResultWriter(f"redis+socket://{path}?db=2", clock=time.time, expires=None)
+        try:
+            writer.store_many([make_meta("t", states.SUCCESS, 1)])
+        finally:
+            writer.close()
+        client = redis.Redis(unix_socket_path=str(path), db=2)
+        try:
+            assert json.loads(client.get("celery-task-meta-t"))["result"] == 1
+        finally:
+            client.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
