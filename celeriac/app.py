@@ -306,17 +306,33 @@ class Celeriac:
         """Queue many tasks in one round trip; returns their results as a group.
 
         A run of identical calls (same task and options, no arguments or the very same
-        argument objects) is built once and rebadged with a fresh id for each."""
-        bulk = BulkSend()
+        argument objects) is built once and rebadged with a fresh id for each. Every message
+        is built before any is sent, so a call that cannot be built sends nothing."""
+        plan = self._bulk_plan(signatures, group_id)
+        bulk = BulkSend(self.transport.bulk_writer())
         results = []
-        default_queue = self.conf.task_default_queue
-        last: tuple[Signature, str, protocol.Message, int] | None = None  # to rebadge
         ids = protocol.fresh_ids()
+        for queue, message, priority, copy in plan:
+            if copy:
+                task_id = next(ids)
+                bulk.add_copy(queue, message, priority, task_id)
+            else:
+                task_id = message.headers["id"]
+                bulk.add(queue, message, priority)
+            results.append(AsyncResult(task_id, self))
+        bulk.send()
+        return GroupResult(group_id or str(uuid.uuid4()), results, self)
+
+    def _bulk_plan(self, signatures: Iterable[Signature],
+                   group_id: str | None) -> list[tuple[str, protocol.Message, int, bool]]:
+        """``(queue, message, priority, copy)`` per call: its own message, or (``copy``) the
+        template of the run of identical calls it belongs to, to send under a fresh id."""
+        plan: list[tuple[str, protocol.Message, int, bool]] = []
+        default_queue = self.conf.task_default_queue
+        last: tuple[Signature, tuple[str, protocol.Message, int, bool]] | None = None
         for sig in signatures:
             if last is not None and _same_call(sig, last[0]):
-                task_id = next(ids)
-                bulk.add_copy(last[1], last[2], last[3], task_id)
-                results.append(AsyncResult(task_id, self))
+                plan.append(last[1])
                 continue
             task = self.tasks.get(sig.task)
             options = dict(sig.options)
@@ -329,15 +345,13 @@ class Celeriac:
             message = self.build_message(sig.task, sig.args, sig.kwargs, group_id=group_id,
                                          **options)
             priority = int(options.get("priority") or 0)
-            bulk.add(queue, message, priority)
-            results.append(AsyncResult(message.headers["id"], self))
+            plan.append((queue, message, priority, False))
             if "task_id" in sig.options:
                 last = None
             else:  # encoded once, for the copies
-                last = (sig, queue, dataclasses.replace(message, envelope=message.to_envelope()),
-                        priority)
-        bulk.send(self.transport)
-        return GroupResult(group_id or str(uuid.uuid4()), results, self)
+                template = dataclasses.replace(message, envelope=message.to_envelope())
+                last = (sig, (queue, template, priority, True))
+        return plan
 
     def AsyncResult(self, task_id: str) -> AsyncResult:
         return AsyncResult(task_id, self)

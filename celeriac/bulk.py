@@ -1,6 +1,11 @@
 """The messages of one bulk send (``app.send_many``, ``group``), in the order they were added:
 single messages, and runs of identical calls kept as one message and the ids of its copies,
-so a transport that can copy on the server (Redis) gets the message once per chunk."""
+so a transport that can copy on the server (Redis) gets the message once per chunk.
+
+Steps go to the transport's :class:`~celeriac.transports.base.BulkWriter` as soon as they are
+complete (a long run every ``FLUSH_EVERY`` ids), so a transport that pipelines stores the
+first ones while the rest are still being built; ``send`` waits for all of them.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +13,23 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .protocol import Message
-    from .transports.base import Transport
+    from .transports.base import BulkWriter
 
 __all__ = ["BulkSend"]
 
 #: a run of identical calls at least this long goes out as copies of one message; shorter
 #: runs join the single messages (one round trip for all of them)
 COPIES_FROM = 32
+#: a run of copies goes out this many ids at a time while it is still growing
+FLUSH_EVERY = 1000
 
 Item = tuple[str, "Message", int]
 
 
 class BulkSend:
-    def __init__(self) -> None:
+    def __init__(self, writer: BulkWriter) -> None:
+        self._writer = writer
         self._singles: list[Item] = []
-        self._steps: list[tuple[list[Item], tuple[str, Message, int, list[str]] | None]] = []
         self._run: tuple[str, Message, int, list[str]] | None = None
 
     def add(self, queue: str, message: Message, priority: int) -> None:
@@ -37,6 +44,9 @@ class BulkSend:
             self._end_run()
             run = self._run = (queue, template, priority, [])
         run[3].append(task_id)
+        if len(run[3]) >= FLUSH_EVERY:
+            self._copies(run)
+            self._run = (queue, template, priority, [])  # the run goes on
 
     def _end_run(self) -> None:
         run, self._run = self._run, None
@@ -44,19 +54,21 @@ class BulkSend:
             return
         queue, template, priority, ids = run
         if len(ids) >= COPIES_FROM:
-            self._steps.append((self._singles, run))
-            self._singles = []
+            self._copies(run)
         else:
             self._singles += [(queue, template.with_id(task_id), priority) for task_id in ids]
 
-    def send(self, transport: Transport) -> None:
-        """Publish everything, in order: one call per run of copies, one for the singles
-        between them."""
+    def _copies(self, run: tuple[str, Message, int, list[str]]) -> None:
+        """The singles before the run, then the run: in sending order."""
+        if self._singles:
+            singles, self._singles = self._singles, []
+            self._writer.many(singles)
+        self._writer.copies(*run)
+
+    def send(self) -> None:
+        """Write what is left and wait until everything is stored."""
         self._end_run()
-        steps, self._steps = [*self._steps, (self._singles, None)], []
-        self._singles = []
-        for singles, run in steps:
-            if singles:
-                transport.publish_many(singles)
-            if run is not None:
-                transport.publish_copies(*run)
+        if self._singles:
+            singles, self._singles = self._singles, []
+            self._writer.many(singles)
+        self._writer.finish()

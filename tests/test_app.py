@@ -260,6 +260,49 @@ def test_send_many_long_runs_go_out_as_copies_in_order(app, monkeypatch):
     assert [decode_body(d.message, ["json"])[0] for d in got[-2:]] == [[3, 4], [3, 4]]
 
 
+def test_a_bulk_send_with_a_call_that_cannot_be_built_sends_nothing(app):
+    ping, add = ping_and_add(app)
+    sigs = [ping.s() for _ in range(2500)] + [add.s(object(), 1)]  # not JSON
+    with pytest.raises(TypeError):
+        app.send_many(sigs)
+    assert app.transport.fetch("test", ["celery"], 10, 0) == []
+
+
+def test_a_bulk_send_hands_long_runs_to_the_transport_while_it_is_still_building():
+    """Runs of copies go to the writer every FLUSH_EVERY ids, the calls before them first,
+    so a pipelining transport stores them while the rest is built; ``send`` waits."""
+    from celeriac.bulk import FLUSH_EVERY, BulkSend
+
+    class Recorder:
+        def __init__(self):
+            self.steps = []
+
+        def many(self, items):
+            self.steps.append(("many", [m.headers["id"] for _, m, _ in items]))
+
+        def copies(self, queue, message, priority, ids):
+            self.steps.append(("copies", list(ids)))
+
+        def finish(self):
+            self.steps.append(("finish", []))
+
+    single = Message(b"[[], {}, {}]", {"id": "single"})
+    template = Message(b"[[], {}, {}]", {"id": "template"})
+    writer = Recorder()
+    bulk = BulkSend(writer)
+    bulk.add("q", single, 0)
+    bulk.add("q", template, 0)
+    ids = [f"id-{n:05d}" for n in range(2 * FLUSH_EVERY + 5)]
+    for n, task_id in enumerate(ids):
+        bulk.add_copy("q", template, 0, task_id)
+        if n == FLUSH_EVERY - 1:  # a full chunk: out before the next copy is even added
+            assert writer.steps == [("many", ["single", "template"]),
+                                    ("copies", ids[:FLUSH_EVERY])]
+    assert [kind for kind, _ in writer.steps] == ["many", "copies", "copies"]
+    bulk.send()
+    assert writer.steps[3:] == [("many", ids[-5:]), ("finish", [])]  # (5 copies: singles)
+
+
 def test_fresh_ids_are_distinct_version_4_uuids():
     ids = fresh_ids(batch=8)
     seen = [next(ids) for _ in range(100)]

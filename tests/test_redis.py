@@ -381,6 +381,22 @@ def test_send_many_on_redis_keeps_order_and_ids(url: str) -> None:
         app.close()
 
 
+def test_a_stream_whose_connection_drops_sends_everything_again_through_the_client(
+        broker: RedisTransport, raw: Any, prefix: str) -> None:
+    """RawStream: commands written before and after its connection died all take effect (at
+    least once: they go again through the client, whose retry policy reconnects)."""
+    key = f"{prefix}stream"
+    stream = broker._raw.stream()
+    stream.write([("RPUSH", key, "a")])
+    port = stream.conn._sock.getsockname()[1]  # the server knows the connection by its port
+    [client] = [c for c in raw.client_list() if c["addr"].endswith(f":{port}")]
+    raw.execute_command("CLIENT", "KILL", "ID", client["id"])
+    stream.write([("RPUSH", key, "b")])
+    replies = stream.replies()
+    assert len(replies) == 2 and not any(isinstance(r, Exception) for r in replies)
+    assert raw.lrange(key, 0, -1)[-2:] == [b"a", b"b"]
+
+
 def test_many_threads_store_results_on_a_small_connection_pool(make_backend_) -> None:
     """Results go over connections of the backend's own, which neither count against nor
     exhaust the client's pool (threads -c 100 stores from every thread)."""

@@ -27,7 +27,7 @@ from ..protocol import Message
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Capabilities", "DeadLetter", "Delivery", "Transport"]
+__all__ = ["BulkWriter", "Capabilities", "DeadLetter", "Delivery", "Transport"]
 
 Clock = Callable[[], float]
 
@@ -84,6 +84,24 @@ class Subscription(abc.ABC):
         self.closed = True
 
 
+class BulkWriter:
+    """The steps of one bulk send, in order: messages (``many``) and runs of copies of one
+    message (``copies``). Here each step is published when it comes; ``finish`` returns once
+    all are stored (and raises if any is not)."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+
+    def many(self, items: Sequence[tuple[str, Message, int]]) -> None:
+        self.transport.publish_many(items)
+
+    def copies(self, queue: str, message: Message, priority: int, ids: Sequence[str]) -> None:
+        self.transport.publish_copies(queue, message, priority, ids)
+
+    def finish(self) -> None:
+        """Everything written is stored (nothing is left to wait for here)."""
+
+
 class Transport(abc.ABC):
     """A broker connection. Construct through :func:`celeriac.transports.open_transport`."""
 
@@ -115,6 +133,11 @@ class Transport(abc.ABC):
         """Publish a copy of ``message`` under each task id in ``ids`` (a run of identical
         calls in a bulk send); transports that can make the copies on the server do."""
         self.publish_many([(queue, message.with_id(task_id), priority) for task_id in ids])
+
+    def bulk_writer(self) -> BulkWriter:
+        """Where a bulk send puts its messages, a step at a time, before it waits for them
+        all (:meth:`BulkWriter.finish`); transports that can pipeline send each step at once."""
+        return BulkWriter(self)
 
     # -- consuming ---------------------------------------------------------------------------
     @abc.abstractmethod

@@ -34,7 +34,15 @@ from typing import Any
 from ..exceptions import DecodeError, TransportError
 from ..protocol import Message
 from . import redis_keys as K
-from .base import Capabilities, Clock, DeadLetter, Delivery, Subscription, Transport
+from .base import (
+    BulkWriter,
+    Capabilities,
+    Clock,
+    DeadLetter,
+    Delivery,
+    Subscription,
+    Transport,
+)
 from .redis_conn import RawCalls, connect_with_retry, redis_params, require_redis
 
 try:
@@ -183,6 +191,44 @@ def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+def _commands(calls: Sequence[Call]) -> list[tuple[Any, ...]]:
+    return [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args in calls]
+
+
+class _StreamedBulk(BulkWriter):
+    """A bulk send's script calls written as each step comes, replies read at ``finish``:
+    Redis adds the first chunks while the sender builds the next."""
+
+    def __init__(self, transport: RedisTransport) -> None:
+        super().__init__(transport)
+        self.redis = transport
+        self.stream = transport._raw.stream()
+        self.calls: list[Call] = []
+        self.count = 0
+
+    def many(self, items: Sequence[tuple[str, Message, int]]) -> None:
+        if items:
+            self._write(self.redis._many_calls(items), len(items))
+
+    def copies(self, queue: str, message: Message, priority: int, ids: Sequence[str]) -> None:
+        calls = self.redis._copies_calls(queue, message, priority, ids)
+        if calls is None:
+            self.many([(queue, message.with_id(task_id), priority) for task_id in ids])
+        else:
+            self._write(calls, len(ids))
+
+    def _write(self, calls: list[Call], count: int) -> None:
+        self.calls += calls
+        self.count += count
+        self.stream.write(_commands(calls))
+
+    def finish(self) -> None:
+        try:
+            self.redis._checked(self.calls, self.stream.replies())
+        except RedisError as exc:
+            raise self.redis._failure(exc, f"publish {self.count} messages") from exc
+
+
 class RedisTransport(Transport):
     """Redis Streams broker: leases, priority bands, delays, dead letters, pub/sub, replies."""
 
@@ -232,8 +278,11 @@ class RedisTransport(Transport):
 
     def _eval_many(self, calls: Sequence[Call]) -> list[Any]:
         """Run scripts in one round trip; results in order."""
-        replies = self._raw.run([("EVALSHA", script.sha, len(keys), *keys, *args)
-                                 for script, keys, args in calls])
+        return self._checked(calls, self._raw.run(_commands(calls)))
+
+    def _checked(self, calls: Sequence[Call], replies: list[Any]) -> list[Any]:
+        """``replies`` to ``calls``, with a script a restarted server forgot run again; an
+        error reply raises."""
         for i, reply in enumerate(replies):
             if isinstance(reply, NoScriptError):  # a restarted server forgot it
                 script, keys, args = calls[i]
@@ -277,6 +326,28 @@ class RedisTransport(Transport):
         trip: the server adds the entries in a loop instead of answering each XADD."""
         if not items:
             return
+        try:
+            self._eval_many(self._many_calls(items))
+        except RedisError as exc:
+            raise self._failure(exc, f"publish {len(items)} messages") from exc
+
+    def publish_copies(self, queue: str, message: Message, priority: int,
+                       ids: Sequence[str]) -> None:
+        """The server makes the copies: the envelope goes once per chunk of ids, cut where
+        the template's id appears (ids of one length only; anything else as publish_many)."""
+        calls = self._copies_calls(queue, message, priority, ids)
+        if calls is None:
+            super().publish_copies(queue, message, priority, ids)
+            return
+        try:
+            self._eval_many(calls)
+        except RedisError as exc:
+            raise self._failure(exc, f"publish {len(ids)} messages") from exc
+
+    def bulk_writer(self) -> BulkWriter:
+        return _StreamedBulk(self)
+
+    def _many_calls(self, items: Sequence[tuple[str, Message, int]]) -> list[Call]:
         ns = time.time_ns()
         streams: dict[tuple[str, int], list[Any]] = {}
         for i, (queue, message, priority) in enumerate(items):
@@ -291,33 +362,23 @@ class RedisTransport(Transport):
             for start in range(0, len(args), 2 * _PUBLISH_CHUNK):
                 calls.append((K.PUBLISH_MANY, [stream],
                               [priority, *args[start:start + 2 * _PUBLISH_CHUNK]]))
-        try:
-            self._eval_many(calls)
-        except RedisError as exc:
-            raise self._failure(exc, f"publish {len(items)} messages") from exc
+        return calls
 
-    def publish_copies(self, queue: str, message: Message, priority: int,
-                       ids: Sequence[str]) -> None:
-        """The server makes the copies: the envelope goes once per chunk of ids, cut where
-        the template's id appears (ids of one length only; anything else as publish_many)."""
+    def _copies_calls(self, queue: str, message: Message, priority: int,
+                      ids: Sequence[str]) -> list[Call] | None:
+        """The copy script's calls, or None if these ids cannot be copied on the server."""
         old = str(message.headers.get("id") or "")
         width = len(old)
         if not ids or not width or any(len(task_id) != width for task_id in ids):
-            super().publish_copies(queue, message, priority, ids)
-            return
+            return None
         parts = message.to_envelope().split(old.encode())
         priority = min(max(int(priority or 0), 0), 9)
         stream = self.keys.queue(queue).streams[K.band_of(priority)]
         us = time.time_ns() // 1000
         chunk = min(_PUBLISH_CHUNK, 1000)  # (the script numbers the ids of a call in 3 digits)
-        calls: list[Call] = [
-            (K.PUBLISH_COPIES, [stream],
-             [priority, us + k, width, "".join(ids[start:start + chunk]), *parts])
-            for k, start in enumerate(range(0, len(ids), chunk))]
-        try:
-            self._eval_many(calls)
-        except RedisError as exc:
-            raise self._failure(exc, f"publish {len(ids)} messages") from exc
+        return [(K.PUBLISH_COPIES, [stream],
+                 [priority, us + k, width, "".join(ids[start:start + chunk]), *parts])
+                for k, start in enumerate(range(0, len(ids), chunk))]
 
     # -- consuming --------------------------------------------------------------------------------
     def fetch(self, consumer: str, queues: Sequence[str], limit: int,

@@ -21,7 +21,8 @@ try:
 except ImportError:  # pragma: no cover - exercised only without the extra installed
     redis = None  # type: ignore[assignment]
 
-__all__ = ["RawCalls", "RedisParams", "connect_with_retry", "redis_params", "require_redis"]
+__all__ = ["RawCalls", "RawStream", "RedisParams", "connect_with_retry", "redis_params",
+           "require_redis"]
 
 log = logging.getLogger("celeriac.redis")
 
@@ -49,31 +50,27 @@ class RawCalls:
 
     def run(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """The replies in order; an error reply is returned as its exception, not raised."""
+        stream = self.stream()
+        stream.write(commands)
+        return stream.replies()
+
+    def stream(self) -> RawStream:
+        """Commands written as they come, their replies read at the end: the server works on
+        the first ones while the caller makes the next."""
+        return RawStream(self)
+
+    def take(self) -> Any:
         try:
-            conn = self.idle.pop()
+            return self.idle.pop()
         except IndexError:  # made outside the client's pool: its count is for its own
             pool = self.client.connection_pool
-            conn = pool.connection_class(**pool.connection_kwargs)
-        try:
-            conn.send_packed_command(conn.pack_commands(commands))
-            replies = []
-            for _ in commands:
-                try:
-                    replies.append(conn.read_response())
-                except redis.ResponseError as exc:  # read on: every reply must be taken
-                    replies.append(exc)
-            return replies
-        except (redis.ConnectionError, redis.TimeoutError):
+            return pool.connection_class(**pool.connection_kwargs)
+
+    def give_back(self, conn: Any) -> None:
+        if len(self.idle) < self.keep:
+            self.idle.append(conn)
+        else:
             conn.disconnect()
-            return self._through_client(commands)
-        except BaseException:
-            conn.disconnect()  # interrupted mid-call: its replies must not reach the next
-            raise
-        finally:
-            if len(self.idle) < self.keep:
-                self.idle.append(conn)
-            else:
-                conn.disconnect()
 
     def _through_client(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         if len(commands) == 1:
@@ -96,6 +93,61 @@ class RawCalls:
     def close(self) -> None:
         while self.idle:
             self.idle.pop().disconnect()
+
+
+class RawStream:
+    """One :meth:`RawCalls.stream`: ``write`` sends at once, ``replies`` reads them all.
+
+    If the connection fails on the way, every command written so far goes through the client
+    again when the replies are asked for (at least once, as with :meth:`RawCalls.run`).
+    """
+
+    def __init__(self, calls: RawCalls) -> None:
+        self.calls = calls
+        self.commands: list[tuple[Any, ...]] = []
+        self.conn: Any = None
+        self.broken = False
+
+    def write(self, commands: list[tuple[Any, ...]]) -> None:
+        self.commands += commands
+        if self.broken:
+            return
+        try:
+            if self.conn is None:
+                self.conn = self.calls.take()
+            self.conn.send_packed_command(self.conn.pack_commands(commands))
+        except (redis.ConnectionError, redis.TimeoutError):
+            self._drop()
+            self.broken = True
+        except BaseException:
+            self._drop()  # interrupted mid-write: nothing more may go on this connection
+            raise
+
+    def replies(self) -> list[Any]:
+        """The replies in order; an error reply is returned as its exception, not raised."""
+        conn, self.conn = self.conn, None
+        if self.broken or conn is None:
+            return self.calls._through_client(self.commands) if self.commands else []
+        try:
+            replies = []
+            for _ in self.commands:
+                try:
+                    replies.append(conn.read_response())
+                except redis.ResponseError as exc:  # read on: every reply must be taken
+                    replies.append(exc)
+        except (redis.ConnectionError, redis.TimeoutError):
+            conn.disconnect()
+            return self.calls._through_client(self.commands)
+        except BaseException:
+            conn.disconnect()  # interrupted mid-call: its replies must not reach the next
+            raise
+        self.calls.give_back(conn)
+        return replies
+
+    def _drop(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.disconnect()
 
 
 def connect_with_retry(params: RedisParams, what: str,
