@@ -43,7 +43,13 @@ from .base import (
     Subscription,
     Transport,
 )
-from .redis_conn import RawCalls, connect_with_retry, redis_params, require_redis
+from .redis_conn import (
+    RawCalls,
+    connect_with_retry,
+    read_replies,
+    redis_params,
+    require_redis,
+)
 
 try:
     import redis
@@ -100,14 +106,9 @@ class _Waiter:
         commands = [("XREAD", "COUNT", 1, "BLOCK", max(1, int(seconds * 1000)), "STREAMS",
                      *streams, *streams.values()),
                     ("EVALSHA", script.sha, len(keys), *keys, *args)]
-        replies: list[Any] = []
         try:
             conn.send_packed_command(conn.pack_commands(commands))
-            for _ in commands:
-                try:
-                    replies.append(conn.read_response())
-                except redis.ResponseError as exc:  # read on: both answers must be taken
-                    replies.append(exc)
+            replies = read_replies(conn, len(commands))
         except (redis.ConnectionError, redis.TimeoutError):
             conn.disconnect()
             raise

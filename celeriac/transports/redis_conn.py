@@ -21,8 +21,8 @@ try:
 except ImportError:  # pragma: no cover - exercised only without the extra installed
     redis = None  # type: ignore[assignment]
 
-__all__ = ["RawCalls", "RawStream", "RedisParams", "connect_with_retry", "redis_params",
-           "require_redis"]
+__all__ = ["RawCalls", "RawStream", "RedisParams", "connect_with_retry", "read_replies",
+           "redis_params", "require_redis"]
 
 log = logging.getLogger("celeriac.redis")
 
@@ -95,6 +95,18 @@ class RawCalls:
             self.idle.pop().disconnect()
 
 
+def read_replies(conn: Any, count: int) -> list[Any]:
+    """The next ``count`` replies on ``conn``; an error reply is returned as its exception
+    (and reading goes on: every reply must be taken before the connection is used again)."""
+    replies = []
+    for _ in range(count):
+        try:
+            replies.append(conn.read_response())
+        except redis.ResponseError as exc:
+            replies.append(exc)
+    return replies
+
+
 class RawStream:
     """One :meth:`RawCalls.stream`: ``write`` sends at once, ``replies`` reads them all.
 
@@ -129,12 +141,7 @@ class RawStream:
         if self.broken or conn is None:
             return self.calls._through_client(self.commands) if self.commands else []
         try:
-            replies = []
-            for _ in self.commands:
-                try:
-                    replies.append(conn.read_response())
-                except redis.ResponseError as exc:  # read on: every reply must be taken
-                    replies.append(exc)
+            replies = read_replies(conn, len(self.commands))
         except (redis.ConnectionError, redis.TimeoutError):
             conn.disconnect()
             return self.calls._through_client(self.commands)
