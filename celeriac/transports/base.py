@@ -86,20 +86,31 @@ class Subscription(abc.ABC):
 
 class BulkWriter:
     """The steps of one bulk send, in order: messages (``many``) and runs of copies of one
-    message (``copies``). Here each step is published when it comes; ``finish`` returns once
-    all are stored (and raises if any is not)."""
+    message (``copies``); ``finish`` returns once all are stored (and raises if any is not).
+    Here the steps are kept and published at ``finish``, a run's chunks as one run;
+    transports that pipeline write each step as it comes."""
 
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
+        self._steps: list[tuple[str, Any]] = []
 
     def many(self, items: Sequence[tuple[str, Message, int]]) -> None:
-        self.transport.publish_many(items)
+        self._steps.append(("many", list(items)))
 
     def copies(self, queue: str, message: Message, priority: int, ids: Sequence[str]) -> None:
-        self.transport.publish_copies(queue, message, priority, ids)
+        last = self._steps[-1] if self._steps else None
+        if last is not None and last[0] == "copies" and last[1][1] is message:
+            last[1][3].extend(ids)  # the same run, handed over in chunks
+        else:
+            self._steps.append(("copies", (queue, message, priority, list(ids))))
 
     def finish(self) -> None:
-        """Everything written is stored (nothing is left to wait for here)."""
+        steps, self._steps = self._steps, []
+        for kind, step in steps:
+            if kind == "many":
+                self.transport.publish_many(step)
+            else:
+                self.transport.publish_copies(*step)
 
 
 class Transport(abc.ABC):
