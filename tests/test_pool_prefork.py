@@ -191,6 +191,16 @@ def test_fast_queues_a_fixed_number_whatever_the_tasks(app, tmp_path):
     run(app, scenario, pipeline=4)
 
 
+def test_a_result_store_url_the_children_cannot_use_fails_before_any_fork():
+    """Checked once at start-up (a clear error), not by every child forked (a crash loop)."""
+    from celeriac.exceptions import ConfigurationError
+
+    app = Celeriac("pf", broker="memory://", backend="redis://127.0.0.1:6379/1?bogus=1",
+                   environ={})
+    with pytest.raises(ConfigurationError, match=r"Unknown option\(s\) \['bogus'\]"):
+        PreforkPool(app, concurrency=1, hostname="pf@test")
+
+
 def test_the_worker_default_is_adaptive(app):
     assert app.conf.worker_pool_pipeline == 0
     assert Worker(app, WorkerOptions(pool="prefork")).pool_limits().pipeline == 0
@@ -264,12 +274,16 @@ def test_terminating_the_running_job_keeps_the_outcomes_held_before_it(
         futures = [pool.apply(job("pf.noop")) for _ in range(2)]
         gate = job("pf.gate", "never")
         gate_future = pool.apply(gate)
+        after = pool.apply(job("pf.noop"))  # keeps the outcomes held while the gate runs
         await started(tmp_path, "never")
+        pool._sync(child)
+        assert len(child.finished) == 2  # held back in the child when it is terminated
         assert pool.terminate_job(gate.job_id, signal.SIGTERM)
         outcomes = await asyncio.gather(*futures)
         assert [o.state for o in outcomes] == [states.SUCCESS] * 2
         lost = await gate_future
         assert lost.state == LOST and "SIGTERM" in lost.summary and lost.pid == child.pid
+        assert (await after).state == states.SUCCESS  # never started: ran in the new child
 
     run(app, scenario, concurrency=1)
 

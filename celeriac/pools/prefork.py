@@ -472,6 +472,10 @@ class PreforkPool(Pool):
         self._progress = _Progress()
         self.adaptive = self.limits.pipeline <= 0
         self.depth = self.adaptive_depth if self.adaptive else self.limits.pipeline
+        # What each child will store its results with: made here first (no connection yet),
+        # so a result store URL it cannot use fails the start-up with a clear error instead
+        # of every child that is forked.
+        app.child_result_store()
         #: recent runtime per task name (see _runtime_average)
         self.runtimes: dict[str, float] = {}
         #: jobs no child could take when they came (adaptive mode) or whose child died before
