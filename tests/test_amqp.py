@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import socket
 import subprocess
 import threading
 import time
@@ -25,6 +26,7 @@ from celeriac.protocol import Message
 from celeriac.results import ResultBackend, make_meta, open_backend
 from celeriac.transports import Transport, open_transport
 from celeriac.transports.amqp import AMQPTransport
+from celeriac.transports.amqp_consume import LeanChannel
 from celeriac.transports.amqp_io import DELAY_LEVELS, Settings, properties
 from celeriac.transports.amqp_publish import Publisher, encode_properties
 from tests.contract.backend_suite import BackendContract
@@ -387,7 +389,10 @@ def test_an_ack_lost_with_the_connection_does_not_run_the_task_again(
     async def lost_in_flight(*args: Any, **kwargs: Any) -> None:
         return None
 
-    monkeypatch.setattr(channel, "basic_ack", lost_in_flight)
+    if isinstance(channel, LeanChannel):  # acks are written from the caller's thread
+        monkeypatch.setattr(channel, "settle", lambda *args, **kwargs: None)
+    else:
+        monkeypatch.setattr(channel, "basic_ack", lost_in_flight)
     amqp.ack([held[0].tag])
     monkeypatch.undo()
     amqp.drop_connection()
@@ -506,6 +511,31 @@ def test_a_thousand_reply_round_trips_leave_no_queues(make_transport: Factory,
     assert leftover == []
 
 
+def test_replies_go_direct_and_one_to_a_queue_that_is_gone_is_dropped(
+        make_transport: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    client, server = make_transport(clock=time.time), make_transport(clock=time.time)
+    server.send("nobody.listens", message(0))  # connects the server's link
+    link = server._ensure().link
+
+    def through_the_io_thread(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("sent through the I/O thread")
+
+    monkeypatch.setattr(link, "publish", through_the_io_thread)
+    client.prepare_replies("box")
+    server.send_many([("box", message(n)) for n in range(1, 301)]
+                     + [("gone", message(999))], ttl=60.0)
+    server.reply("box", b"last", ttl=60.0)
+    got: list[bytes] = []
+    while len(got) < 301:
+        batch = client.get_replies("box", 5.0)
+        assert batch, f"only {len(got)} replies arrived"
+        got += batch
+    assert got == [message(n).body for n in range(1, 301)] + [b"last"]
+    assert server._ensure().publishers._idle  # the direct publisher is sound after "gone"
+    client.close()
+    server.close()
+
+
 def test_after_fork_abandons_the_parents_connection(amqp: AMQPTransport) -> None:
     amqp.publish("q", message(1))
     parent_io = amqp._ensure().io
@@ -555,7 +585,7 @@ def test_a_queue_deleted_behind_the_direct_publisher_is_declared_again(
     assert numbers(amqp.fetch("c1", ["q"], 5, 0)) == [3]
 
 
-def _close_from_the_broker(pub: Publisher) -> None:
+def _close_from_the_broker(pub: Publisher | LeanChannel) -> None:
     """Have the broker close ``pub``'s connection."""
     assert pub.sock is not None
     port = pub.sock.getsockname()[1]
@@ -592,6 +622,123 @@ def test_an_idle_direct_publisher_is_replaced_after_a_heartbeat_interval(
     amqp.publish("q", message(3))
     assert pool._idle[0] is not first and first.sock is None
     assert numbers(amqp.fetch("c1", ["q"], 10, 0)) == [1, 2, 3]
+
+
+# -- consuming on a connection of our own (amqp_consume.LeanChannel) --------------------------
+def _lean(amqp: AMQPTransport) -> LeanChannel:
+    channel = amqp._ensure().link.channels["cons"]
+    assert isinstance(channel, LeanChannel)
+    return channel
+
+
+def test_the_consuming_connection_acks_only_what_it_delivered_and_nothing_twice() -> None:
+    """An ack that covers (``multiple``) a delivery someone else is still settling, or a
+    tag settled already, makes the broker close the channel: the connection refuses both."""
+    from pamqp import frame as pamqp_frame
+
+    ours, broker = socket.socketpair()
+    loop = asyncio.new_event_loop()
+    try:
+        lean = LeanChannel(Settings.parse("amqp://", {}), loop)
+        lean.sock = ours
+        for tag in range(1, 6):
+            lean._track(tag)
+        lean.settle([3])  # 1 and 2 are still out: 3 alone
+        lean.settle([2, 1, 1])  # nothing older is out: one ack covers both
+        lean.settle([2, 99])  # settled already, never delivered: nothing written
+        lean.settle([5])  # 4 is still out
+        lean.settle([4], requeue=True)
+        ours.shutdown(socket.SHUT_WR)
+        data = b"".join(iter(lambda: broker.recv(4096), b""))
+        written = []
+        while data:
+            used, _, method = pamqp_frame.unmarshal(data)
+            written.append((type(method).__name__, method.delivery_tag, method.multiple))
+            data = data[used:]
+        assert written == [("Ack", 3, False), ("Ack", 2, True), ("Ack", 5, False),
+                           ("Nack", 4, False)]
+        assert not lean._unsettled
+    finally:
+        ours.close()
+        broker.close()
+        loop.close()
+
+
+def test_deliveries_and_acks_use_a_connection_of_our_own(amqp: AMQPTransport,
+                                                          make_transport: Factory) -> None:
+    amqp.publish_many([("q", message(n), 0) for n in range(300)])
+    lean = _lean(amqp)
+    got = _drain(amqp, "q", 300)
+    assert [m.headers["n"] for m in got] == list(range(300))
+    assert _lean(amqp) is lean and not lean.is_closed
+    amqp.close()
+    assert lean.is_closed
+    assert make_transport(clock=time.time).queue_size("q") == 0  # every ack arrived
+
+
+def test_the_broker_closing_the_consuming_connection_loses_and_repeats_nothing(
+        amqp: AMQPTransport) -> None:
+    amqp.publish_many([("q", message(n), 0) for n in range(10)])
+    held = amqp.fetch("c1", ["q"], 4, 5.0)
+    assert len(held) == 4
+    lean = _lean(amqp)
+    _close_from_the_broker(lean)
+    eventually(lambda: lean.is_closed)
+    amqp.ack([d.tag for d in held])  # settled by their redeliveries
+    got = numbers(held)
+    deadline = time.monotonic() + 20
+    while len(got) < 10 and time.monotonic() < deadline:
+        batch = amqp.fetch("c1", ["q"], 8, 1.0)
+        got += numbers(batch)
+        amqp.ack([d.tag for d in batch])
+    assert sorted(got) == list(range(10))  # each once
+    new = _lean(amqp)
+    assert new is not lean
+    eventually(lambda: amqp.queue_size("q") == 0 and amqp.renew("c1") == 0)
+    # the redeliveries of the acked four are settled by the I/O thread, maybe after the
+    # others: no ack of one may cover another (the broker closes the channel for a tag
+    # acked twice)
+    eventually(lambda: not amqp._ensure().tasks)
+    assert amqp.fetch("c1", ["q"], 1, 0) == []  # a round trip on the consuming connection
+    assert _lean(amqp) is new and not new.is_closed
+
+
+def test_an_idle_consuming_connection_keeps_its_heartbeat(make_transport: Factory) -> None:
+    amqp = make_transport(clock=time.time, heartbeat=1)
+    assert isinstance(amqp, AMQPTransport)
+    assert amqp.fetch("c1", ["q"], 1, 0.1) == []  # consuming, nothing there
+    lean = _lean(amqp)
+    assert lean.heartbeat == 1
+    time.sleep(3.5)  # the broker closes a connection that misses two heartbeats
+    assert not lean.is_closed and _lean(amqp) is lean
+    amqp.publish("q", message(1))
+    [got] = amqp.fetch("c1", ["q"], 1, 5.0)
+    amqp.ack([got.tag])
+    assert numbers([got]) == [1]
+
+
+def test_fetch_ready_acks_and_takes_the_buffer_without_the_io_thread(
+        amqp: AMQPTransport, make_transport: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert amqp.fetch_ready([], "c1", ["q"], 5) is None  # not consuming yet: fetch() starts
+    assert amqp.fetch("c1", ["q"], 6, 0.2) == []  # consuming now, with a prefetch of 6
+    amqp.publish_many([("q", message(n), 0) for n in range(6)])
+    st = amqp._ensure()
+    eventually(lambda: len(st.buffer) == 6)
+
+    def through_the_io_thread(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("went through the I/O thread")
+
+    monkeypatch.setattr(st.io, "call", through_the_io_thread)
+    first = amqp.fetch_ready([], "c1", ["q"], 4)
+    assert numbers(first or []) == [0, 1, 2, 3] and amqp.renew("c1") == 4
+    assert amqp.fetch_ready([], "c1", ["q", "other"], 4) is None  # other queues: fetch()
+    rest = amqp.fetch_ready([d.tag for d in first or []], "c1", ["q"], 10)
+    assert numbers(rest or []) == [4, 5] and amqp.renew("c1") == 2
+    assert amqp.fetch_ready([d.tag for d in rest or []], "c1", ["q"], 10) == []
+    assert amqp.renew("c1") == 0
+    monkeypatch.undo()
+    amqp.close()
+    eventually(lambda: make_transport(clock=time.time).queue_size("q") == 0)
 
 
 # -- publish_many on a direct publisher (Publisher.publish_batch) ------------------------------

@@ -292,6 +292,31 @@ def test_an_early_ack_goes_out_with_the_next_fetch(app, run_worker, monkeypatch)
     assert second[1].startswith("celeriac-settle")
 
 
+def test_what_the_transport_can_do_at_once_skips_the_io_thread(app, run_worker, monkeypatch):
+    """A transport that can ack and hand out deliveries without waiting (AMQP on its own
+    consuming connection) is asked first, on the worker's loop, with the early acks."""
+    transport = app.transport
+    calls: list[tuple[int, int]] = []
+
+    def fetch_ready(acks, consumer, queues, limit):
+        transport.ack(acks)
+        got = transport.fetch(consumer, queues, limit, 0)
+        calls.append((len(acks), len(got)))
+        return got
+
+    monkeypatch.setattr(transport, "fetch_ready", fetch_ready)
+
+    @app.task
+    def add(x):
+        return x + 1
+
+    results = [add.delay(i) for i in range(20)]
+    run_worker(pool="threads", concurrency=2)
+    assert [r.get(timeout=10) for r in results] == list(range(1, 21))
+    assert sum(got for _, got in calls) == 20  # every task came this way
+    assert sum(acks for acks, _ in calls) > 0  # with early acks (others go when no room)
+
+
 def test_a_result_is_not_held_for_the_batch_window_when_work_runs_out(app, run_worker,
                                                                       monkeypatch):
     """Results are batched while every slot is busy; when the last queued task ends the

@@ -1,4 +1,5 @@
-"""``amqp://`` and ``amqps://``: RabbitMQ, through aiormq on one I/O thread per process.
+"""``amqp://`` and ``amqps://``: RabbitMQ, through aiormq on one I/O thread per process
+(and, for the hot paths, small blocking connections of our own).
 
 Queues are durable with ``x-max-priority``, messages persistent, and publishing waits for the
 broker's confirm. What the contract calls a *lease* is RabbitMQ's unacked delivery: it stays
@@ -24,7 +25,11 @@ How the contract maps onto the broker:
   of what the handle holds plus ``limit`` (a worker: its prefetch count plus the ETA tasks
   it holds), changed when that grows or halves; with ``timeout=0`` it takes what
   that buffer holds after a round trip on the consuming channel (so everything the broker
-  pushed before has arrived) and pulls the rest with ``basic.get``.
+  pushed before has arrived) and pulls the rest with ``basic.get``. On ``amqp://`` the
+  consuming channel is a connection of our own read by a thread of its own
+  (:class:`~celeriac.transports.amqp_consume.LeanChannel`: aiormq cost more per delivery
+  than the rest of the worker), and ``ack`` writes from the calling thread. It lives and
+  dies with the I/O thread's connection: when either drops, both are opened again.
 * Delivery counts: RabbitMQ's classic queues only flag a redelivery, so a header of ours
   counts the deliveries before this one; ``requeue`` publishes a copy with the count raised
   (confirmed) and then acks the original. A message whose worker *process* keeps dying is
@@ -73,6 +78,7 @@ from typing import Any
 from ..exceptions import TransportError
 from ..protocol import Message
 from . import amqp_io, amqp_publish
+from .amqp_consume import LeanChannel, LeanClosed
 from .amqp_io import (
     H_DEAD_AT,
     H_DELIVERIES,
@@ -97,7 +103,8 @@ _UNSURE_ACK_SECONDS = 10.0
 
 @dataclass(slots=True)
 class _Pending:
-    """A delivery on our channel: ``epoch`` names the channel, ``dtag`` is the broker's tag."""
+    """A delivery on our channel: ``epoch`` names the channel, ``dtag`` is the broker's tag,
+    valid on ``channel`` alone (the channel that delivered it)."""
 
     seq: int
     wire: str
@@ -106,6 +113,7 @@ class _Pending:
     mid: str | None
     redelivered: bool
     delivery: Delivery
+    channel: Any = None
 
 
 @dataclass(slots=True)
@@ -124,6 +132,12 @@ class _Box:
     items: deque[tuple[float | None, bytes]] = field(default_factory=deque)
     used: float = field(default_factory=time.monotonic)
     waiting: int = 0
+
+
+def _check_refused(refused: int, total: int) -> None:
+    if refused:
+        raise TransportError(f"The broker refused {refused} of {total} messages (nack); "
+                             "they were not stored")
 
 
 class _State:
@@ -307,12 +321,16 @@ class AMQPTransport(Transport):
         st.orphan_tags.pop(orphan.tag, None)
         p.delivery = dataclasses.replace(p.delivery, tag=orphan.tag)
         if orphan.acked:  # it finished meanwhile: settle the redelivery at once
-            task = asyncio.get_running_loop().create_task(self._settle(st, [p]))
-            st.tasks.add(task)
-            task.add_done_callback(st.tasks.discard)
+            st.io.loop.call_soon_threadsafe(self._settle_soon, st, p)
         else:
             st.held[orphan.tag] = (orphan.consumer, p)
         return True
+
+    def _settle_soon(self, st: _State, p: _Pending) -> None:
+        """Settle ``p`` in a task of the I/O loop (deliveries may arrive on another thread)."""
+        task = st.io.loop.create_task(self._settle(st, [p]))
+        st.tasks.add(task)
+        task.add_done_callback(st.tasks.discard)
 
     async def _barrier(self, st: _State) -> None:
         """A round trip on ``cons``: what the broker delivered on it before has arrived."""
@@ -363,22 +381,22 @@ class AMQPTransport(Transport):
         rest, refused = self._publish_many_direct(st, batch)
         if rest:
             self._call(st, st.link.publish_batch(rest))
-        if refused:
-            raise TransportError(f"The broker refused {refused} of {len(batch)} messages "
-                                 "(nack); they were not stored")
+        _check_refused(refused, len(batch))
 
-    def _publish_many_direct(self, st: _State, batch: list[tuple[str, bytes, Any]]
+    def _publish_many_direct(self, st: _State, batch: list[tuple[str, bytes, Any]], *,
+                             mandatory: bool = True
                              ) -> tuple[list[tuple[str, bytes, Any]], int]:
         """Publish what goes to declared queues on a direct publisher, as :meth:`publish`.
 
         Returns what the I/O thread must publish still, in order (to queues not declared
         yet, returned by the broker, or left unconfirmed by a lost connection: those may
         then be stored twice, never lost), and how many messages the broker refused.
+        Without ``mandatory`` (replies: a queue that is gone drops them) every queue goes.
         """
         if self.settings.ssl or not st.link.up:
             return batch, 0
         declared = st.link.declared
-        mine = [i for i, (wire, _, _) in enumerate(batch) if wire in declared]
+        mine = [i for i, (wire, _, _) in enumerate(batch) if not mandatory or wire in declared]
         if not mine:
             return batch, 0
         pub = st.publishers.take()
@@ -386,7 +404,7 @@ class AMQPTransport(Transport):
             return batch, 0
         try:
             done = pub.publish_batch(batch if len(mine) == len(batch) else
-                                     [batch[i] for i in mine])
+                                     [batch[i] for i in mine], mandatory=mandatory)
         finally:
             st.publishers.give(pub)
         if done.returned:  # a queue is gone: declared again by the I/O thread
@@ -431,6 +449,20 @@ class AMQPTransport(Transport):
                 st.cond.wait(left)
             st.woken = False
         return got
+
+    def fetch_ready(self, acks: Sequence[str], consumer: str, queues: Sequence[str],
+                    limit: int) -> list[Delivery] | None:
+        st = self._state
+        if st is None or st.pid != os.getpid() or not isinstance(st.link.channels.get("cons"),
+                                                                  LeanChannel):
+            return None  # acks go through the I/O thread
+        wires = {self._name(q): q for q in queues}
+        with st.cond:
+            if st.wanted.keys() != wires.keys() or any(w not in st.consumers for w in wires):
+                return None  # the queues to consume from change: fetch() does that
+        self.ack_or_log(acks)
+        with st.cond:
+            return self._take(st, consumer, wires, limit) if limit > 0 else []
 
     def _take(self, st: _State, consumer: str, wires: dict[str, str],
               limit: int) -> list[Delivery]:
@@ -479,7 +511,8 @@ class AMQPTransport(Transport):
                 ctag = f"celeriac.{uuid.uuid4().hex}"
                 st.consumers[wire] = ctag
                 await ch.basic_consume(
-                    wire, lambda m, w=wire, q=queue, e=epoch: self._arrived(st, e, w, q, m),
+                    wire, lambda m, w=wire, q=queue, e=epoch, c=ch: self._arrived(st, e, c, w,
+                                                                                 q, m),
                     consumer_tag=ctag)
         st.wanted = dict(target)
 
@@ -493,7 +526,8 @@ class AMQPTransport(Transport):
             for p in back:  # they were never handed out: back to the queue, in place
                 await ch.basic_nack(p.dtag, requeue=True, wait=False)
 
-    def _pending(self, st: _State, epoch: str, wire: str, queue: str, msg: Any) -> _Pending:
+    def _pending(self, st: _State, epoch: str, ch: Any, wire: str, queue: str,
+                 msg: Any) -> _Pending:
         props = msg.header.properties
         message, private = read_message(props, msg.body)
         before = private.get(H_DELIVERIES)
@@ -501,10 +535,12 @@ class AMQPTransport(Transport):
         count = (before if isinstance(before, int) else 0) + 1 + redelivered
         dtag = int(msg.delivery.delivery_tag or 0)
         return _Pending(next(st.seq), wire, epoch, dtag, props.message_id or None, redelivered,
-                        Delivery(f"{epoch}.{dtag}", queue, message, count, props.priority or 0))
+                        Delivery(f"{epoch}.{dtag}", queue, message, count, props.priority or 0),
+                        ch)
 
-    def _arrived(self, st: _State, epoch: str, wire: str, queue: str, msg: Any) -> None:
-        p = self._pending(st, epoch, wire, queue, msg)
+    def _arrived(self, st: _State, epoch: str, ch: Any, wire: str, queue: str,
+                 msg: Any) -> None:
+        p = self._pending(st, epoch, ch, wire, queue, msg)
         with st.cond:
             if epoch != st.epoch or self._reclaim(st, p):
                 return
@@ -527,7 +563,7 @@ class AMQPTransport(Transport):
                 if not isinstance(msg.delivery, amqp_io.spec.Basic.GetOk):
                     open_.remove((wire, queue))
                     continue
-                p = self._pending(st, st.epoch, wire, queue, msg)
+                p = self._pending(st, st.epoch, ch, wire, queue, msg)
                 with st.cond:
                     if self._reclaim(st, p):
                         continue
@@ -571,7 +607,9 @@ class AMQPTransport(Transport):
             return
         with st.settling:
             picked = self._pick(st, tags, acking=True)
-            if picked:
+            if picked and isinstance(st.link.channels.get("cons"), LeanChannel):
+                self._settle_direct(st, [p for _, p in picked])
+            elif picked:
                 self._call(st, self._settle(st, [p for _, p in picked]))
 
     async def _settle(self, st: _State, picked: list[_Pending]) -> None:
@@ -581,25 +619,51 @@ class AMQPTransport(Transport):
         acked on arrival (see :meth:`_reclaim`).
         """
         ch = st.link.channels.get("cons")
-        live = [] if ch is None or ch.is_closed else [p for p in picked if p.epoch == st.epoch]
-        if len(live) < len(picked):
-            self._settle_later(st, [p for p in picked if all(p is not q for q in live)])
-        tags = sorted(p.dtag for p in live)
-        if not tags or ch is None:
+        if isinstance(ch, LeanChannel):
+            self._settle_direct(st, picked)
             return
-        with st.cond:
-            others = [p.dtag for p in st.buffer] + [p.dtag for _, p in st.held.values()]
+        live, acks = self._acks(st, ch, picked)
+        if ch is None or not acks:
+            return
         try:  # returns once the frames are written: the broker settles them in order
-            if not others or min(others) > tags[-1]:
-                await ch.basic_ack(tags[-1], multiple=True)
-            else:
-                for dtag in tags[:-1]:
-                    await ch.basic_ack(dtag, wait=False)
-                await ch.basic_ack(tags[-1])
+            for dtag, multiple in acks:
+                await ch.basic_ack(dtag, multiple=multiple, wait=dtag == acks[-1][0])
         except (amqp_io.amqp_errors.AMQPError, RuntimeError):
             self._settle_later(st, live)
         else:
             st.remember_sent(live)
+
+    def _settle_direct(self, st: _State, picked: list[_Pending]) -> None:
+        """:meth:`_settle` from the caller's thread, on our own consuming connection: each
+        on the connection that delivered it, which knows what it may ack at once."""
+        live = [p for p in picked if p.epoch == st.epoch and isinstance(p.channel, LeanChannel)
+                and not p.channel.is_closed]
+        if len(live) < len(picked):
+            self._settle_later(st, [p for p in picked if all(p is not q for q in live)])
+        for ch in {id(p.channel): p.channel for p in live}.values():
+            mine = [p for p in live if p.channel is ch]
+            try:
+                ch.settle([p.dtag for p in mine])
+            except LeanClosed:
+                self._settle_later(st, mine)
+            else:
+                st.remember_sent(mine)
+
+    def _acks(self, st: _State, ch: Any, picked: list[_Pending]
+              ) -> tuple[list[_Pending], list[tuple[int, bool]]]:
+        """What of ``picked`` can be acked on ``ch``, and the acks that do it: one that
+        covers them all (``multiple``) when no other delivery is older than the last."""
+        live = [] if ch is None or ch.is_closed else [p for p in picked if p.epoch == st.epoch]
+        if len(live) < len(picked):
+            self._settle_later(st, [p for p in picked if all(p is not q for q in live)])
+        tags = sorted(p.dtag for p in live)
+        if not tags:
+            return [], []
+        with st.cond:
+            others = [p.dtag for p in st.buffer] + [p.dtag for _, p in st.held.values()]
+        if not others or min(others) > tags[-1]:
+            return live, [(tags[-1], True)]
+        return live, [(dtag, False) for dtag in tags]
 
     def _settle_later(self, st: _State, stale: list[_Pending]) -> None:
         now = time.monotonic()
@@ -778,24 +842,28 @@ class AMQPTransport(Transport):
         With ``ttl`` the broker drops it unread after that long, and readers see it as
         expired after their clock passes ours plus ``ttl``.
         """
-        st = self._ensure()
-        self._call(st, self._send_batch(st, [(self._name(queue), message)], ttl, persistent))
+        self._send(self._ensure(), [(self._name(queue), message)], ttl, persistent)
 
     def send_many(self, items: Sequence[tuple[str, Message]], *, ttl: float | None = None,
                   persistent: bool = False) -> None:
         if items:
-            st = self._ensure()
-            self._call(st, self._send_batch(st, [(self._name(q), m) for q, m in items], ttl,
-                                            persistent))
+            self._send(self._ensure(), [(self._name(q), m) for q, m in items], ttl, persistent)
 
-    async def _send_batch(self, st: _State, items: list[tuple[str, Message]],
-                          ttl: float | None, persistent: bool) -> None:
+    def _send(self, st: _State, items: list[tuple[str, Message]], ttl: float | None,
+              persistent: bool) -> None:
         headers = {H_EXPIRES: self.clock() + ttl} if ttl is not None else None
         expiration = str(max(0, round(ttl * 1000))) if ttl is not None else None
-        await asyncio.gather(*(st.link.publish(
-            wire, m.body, properties(m, 0, persistent=persistent, headers=headers,
-                                         expiration=expiration), mandatory=False)
-            for wire, m in items))
+        batch = [(wire, m.body, properties(m, 0, persistent=persistent, headers=headers,
+                                           expiration=expiration)) for wire, m in items]
+        rest, refused = self._publish_many_direct(st, batch, mandatory=False)
+        if rest:
+            self._call(st, self._send_batch(st, rest))
+        _check_refused(refused, len(batch))
+
+    @staticmethod
+    async def _send_batch(st: _State, batch: list[tuple[str, bytes, Any]]) -> None:
+        await asyncio.gather(*(st.link.publish(wire, body, props, mandatory=False)
+                               for wire, body, props in batch))
 
     def sync(self) -> None:
         """Return once what the broker had sent to this handle's listeners has arrived."""

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from ..exceptions import ConfigurationError, TransportError
-from ..greenlets import new_event_loop, os_thread
+from ..greenlets import is_patched, new_event_loop, os_thread
 from ..protocol import Message
 from ..urls import mask_url
 
@@ -498,11 +498,16 @@ class Link:
             await asyncio.wait_for(conn.connect(), self.settings.connect_timeout)
             channels = {}
             for name in self.CHANNELS:
-                channels[name] = await conn.channel(publisher_confirms=name == "pub")
+                if name == "cons" and self.lean_consumer:
+                    channels[name] = await self._lean_channel()
+                else:
+                    channels[name] = await conn.channel(publisher_confirms=name == "pub")
         except BaseException:
             with contextlib.suppress(Exception):
                 await conn.close()
+            self._close_lean(channels.get("cons"))
             raise
+        self._close_lean(self.channels.get("cons"))
         self.connection, self.channels = conn, channels
         self.generation += 1
         self.forget_declared()  # a restarted broker has lost what was not durable
@@ -521,6 +526,31 @@ class Link:
         finally:
             self._restorer = None
         self._up.set()
+
+    @property
+    def lean_consumer(self) -> bool:
+        """Whether ``cons`` is our own connection: not for TLS, nor under gevent (whose
+        sockets belong to one thread's hub, while acks come from the worker's threads)."""
+        return not self.settings.ssl and not is_patched()
+
+    async def _lean_channel(self) -> Any:
+        """Our own consuming connection (see :mod:`.amqp_consume`), opened off the loop."""
+        from .amqp_consume import LeanChannel
+        lean = LeanChannel(self.settings, asyncio.get_running_loop())
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, lean.connect)
+        except BaseException:
+            lean.close()
+            raise
+        return lean
+
+    @staticmethod
+    def _close_lean(channel: Any) -> None:
+        """Close our consuming connection, if ``channel`` is one: it lives as long as the
+        link's connection, so the broker takes back its deliveries when the link drops."""
+        from .amqp_consume import LeanChannel
+        if isinstance(channel, LeanChannel):
+            channel.close()
 
     def _channel_lost(self, conn: Any, name: str, closed: asyncio.Future[Any]) -> None:
         reason = None if closed.cancelled() else closed.exception()
@@ -544,6 +574,7 @@ class Link:
             if self._closing:
                 return
             self._up.clear()
+            self._close_lean(self.channels.get("cons"))
             log.warning("Lost the connection to the broker at %s (%s); reconnecting",
                         self.settings.masked, reason)
             self.on_lost()
@@ -762,6 +793,7 @@ class Link:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
+        self._close_lean(self.channels.get("cons"))
         if self.connection is not None and not self.connection.is_closed:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.connection.close(), 5.0)

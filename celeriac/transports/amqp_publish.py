@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
 import struct
 import threading
@@ -19,13 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..exceptions import TransportError
+from .amqp_consume import FrameReader, expect_method, handshake
 from .amqp_io import Settings, describe_error, encode_table
 
 try:
     from pamqp import commands as spec
     from pamqp import frame as pamqp_frame
     from pamqp.body import ContentBody
-    from pamqp.header import ContentHeader, ProtocolHeader
+    from pamqp.header import ContentHeader
 except ImportError:  # pragma: no cover - the amqp extra is not installed
     spec = None  # type: ignore[assignment]
 
@@ -116,10 +116,10 @@ class Publisher:
         self.settings = settings
         self.sock: socket.socket | None = None
         self.broken = False
-        self._buffer = bytearray()
+        self._reader: FrameReader | None = None
         self._tag = 0
         self._body_max = 131072 - 8
-        self._methods: dict[str, bytes] = {}  # Basic.Publish frame per queue: constant
+        self._methods: dict[tuple[str, bool], bytes] = {}  # Basic.Publish frame per queue: constant
         self.used = time.monotonic()
 
     # -- framing --------------------------------------------------------------------------
@@ -127,61 +127,26 @@ class Publisher:
         assert self.sock is not None
         self.sock.sendall(pamqp_frame.marshal(method, channel))
 
+    def _frames_in(self) -> FrameReader:
+        assert self.sock is not None
+        if self._reader is None or self._reader.sock is not self.sock:
+            self._reader = FrameReader(self.sock)
+        return self._reader
+
     def _read(self) -> Any:
         """The next frame from the broker (blocking, up to the socket's timeout)."""
-        assert self.sock is not None
-        buf = self._buffer
-        while True:
-            if len(buf) >= 7:
-                size = struct.unpack_from(">I", buf, 3)[0]
-                end = 8 + size
-                if len(buf) >= end:
-                    data = bytes(buf[:end])
-                    del buf[:end]
-                    return pamqp_frame.unmarshal(data)[2]
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("the broker closed the connection")
-            buf += chunk
+        return pamqp_frame.unmarshal(self._frames_in().frame())[2]
 
     def _expect(self, kind: type) -> Any:
-        value = self._read()
-        if isinstance(value, spec.Connection.Close):
-            raise ConnectionError(f"the broker closed the connection: {value.reply_code} "
-                                  f"{value.reply_text}")
-        if not isinstance(value, kind):
-            raise ConnectionError(f"expected {kind.__name__}, got {type(value).__name__}")
-        return value
+        return expect_method(self._frames_in(), kind)
 
     # -- life -----------------------------------------------------------------------------
     def connect(self) -> None:
-        s = self.settings
-        sock = socket.create_connection((s.hostname, s.port), timeout=s.connect_timeout)
-        self.sock = sock
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            sock.sendall(ProtocolHeader().marshal())
-            self._expect(spec.Connection.Start)
-            self._send(0, spec.Connection.StartOk(
-                client_properties={
-                    "product": "celeriac",
-                    "connection_name": f"celeriac pid {os.getpid()} publisher",
-                    "capabilities": {"publisher_confirms": True,
-                                     "authentication_failure_close": True}},
-                mechanism="PLAIN", response=f"\0{s.userid}\0{s.password}"))
-            tune = self._expect(spec.Connection.Tune)
-            frame_max = min(tune.frame_max or 131072, 131072)
+            self.sock, frame_max, _ = handshake(self.settings, "publisher", heartbeat=0,
+                                                confirms=True)
             self._body_max = frame_max - 8
-            self._send(0, spec.Connection.TuneOk(channel_max=1, frame_max=frame_max,
-                                                 heartbeat=0))
-            self._send(0, spec.Connection.Open(virtual_host=s.virtual_host))
-            self._expect(spec.Connection.OpenOk)
-            self._send(1, spec.Channel.Open())
-            self._expect(spec.Channel.OpenOk)
-            self._send(1, spec.Confirm.Select())
-            self._expect(spec.Confirm.SelectOk)
-            sock.settimeout(s.operation_timeout)
+            self.sock.settimeout(self.settings.operation_timeout)
         except BaseException:
             self.broken = True
             self.close()
@@ -205,13 +170,13 @@ class Publisher:
             sock.close()
 
     # -- publishing -----------------------------------------------------------------------
-    def _frames(self, queue: str, body: bytes, props: Any) -> bytes:
-        method = self._methods.get(queue)
+    def _frames(self, queue: str, body: bytes, props: Any, mandatory: bool = True) -> bytes:
+        method = self._methods.get((queue, mandatory))
         if method is None:
             if len(self._methods) > 1000:
                 self._methods.clear()
-            method = self._methods[queue] = pamqp_frame.marshal(
-                spec.Basic.Publish(exchange="", routing_key=queue, mandatory=True), 1)
+            method = self._methods[(queue, mandatory)] = pamqp_frame.marshal(
+                spec.Basic.Publish(exchange="", routing_key=queue, mandatory=mandatory), 1)
         header = _HEAD.pack(60, len(body)) + encode_properties(props)
         parts = [method, _FRAME.pack(2, 1, len(header)), header, _FRAME_END]
         step = self._body_max
@@ -281,15 +246,18 @@ class Publisher:
     it confirms the one before, and what it sends back (acks, returned messages) stays
     small enough for the sockets' buffers."""
 
-    def publish_batch(self, items: Sequence[tuple[str, bytes, Any]]) -> Batch:
+    def publish_batch(self, items: Sequence[tuple[str, bytes, Any]], *,
+                      mandatory: bool = True) -> Batch:
         """Publish ``(queue, body, properties)`` items, pipelined; return once every one is
         settled: confirmed, refused (nack), returned, or left unsure by a failed connection.
+        Without ``mandatory`` the broker drops a message for a queue that does not exist
+        (and confirms it) instead of returning it.
 
         Chunks of frames go out in one write each, and the broker's acks (often for many
         messages at once) are read in between, so the broker is never idle waiting for us.
         What to do with the messages not stored is the caller's: see :class:`Batch`.
         """
-        run = _Run(items, self._tag + 1)
+        run = _Run(items, self._tag + 1, mandatory)
         if self.sock is None or self.broken:
             return run.outcome("the direct publisher is not connected")
         try:
@@ -313,7 +281,7 @@ class Publisher:
         size, end = 0, min(run.sent + self.chunk, len(run.items))
         for queue, body, props in run.items[run.sent:end]:
             try:
-                data = self._frames(queue, body, props)
+                data = self._frames(queue, body, props, run.mandatory)
             except (TypeError, ValueError, struct.error):
                 run.stopped = True  # this one and the rest go to Link, which says what is wrong
                 break
@@ -369,9 +337,11 @@ class _Run:
     that matches none leaves the batch unsure: sent again rather than lost.
     """
 
-    def __init__(self, items: Sequence[tuple[str, bytes, Any]], first: int) -> None:
+    def __init__(self, items: Sequence[tuple[str, bytes, Any]], first: int,
+                 mandatory: bool = True) -> None:
         self.items = items
         self.first = first
+        self.mandatory = mandatory
         self.state = bytearray(len(items))
         self.sent = 0
         self.settled = 0

@@ -160,19 +160,32 @@ class Transport(abc.ABC):
         is visible; returns an empty list if none became visible.
         """
 
+    def fetch_ready(self, acks: Sequence[str], consumer: str, queues: Sequence[str],
+                    limit: int) -> list[Delivery] | None:
+        """:meth:`ack_then_fetch` without waiting for anything (no broker round trip, no hop
+        to an I/O thread): ``acks`` settled and what this process's own buffer holds, or
+        ``None`` when that cannot be done so (nothing was done; call ack_then_fetch).
+        Transports that push deliveries into a local buffer can."""
+        return None
+
     def ack_then_fetch(self, acks: Sequence[str], consumer: str, queues: Sequence[str],
                        limit: int, timeout: float) -> list[Delivery]:
         """:meth:`ack` then :meth:`fetch` (a worker acks what it just started on receipt
         this way); a transport that can do both in one round trip does. A failed ack is
         logged, not raised: its messages come back after their lease, and the fetch goes on.
         """
+        self.ack_or_log(acks)
+        return self.fetch(consumer, queues, limit, timeout)
+
+    def ack_or_log(self, acks: Sequence[str]) -> None:
+        """:meth:`ack`, with a failure logged, not raised: the messages come back after
+        their lease (for acks that ride along with a fetch, which goes on)."""
         if acks:
             try:
                 self.ack(acks)
             except Exception as exc:
                 log.error("Could not ack %d message(s): %r; they will be redelivered after "
                           "their lease", len(acks), exc)
-        return self.fetch(consumer, queues, limit, timeout)
 
     @abc.abstractmethod
     def ack(self, tags: Sequence[str]) -> None:

@@ -249,10 +249,17 @@ class Consumer:
             try:
                 # Early acks of the tasks the last fetch started ride along with this fetch,
                 # so the settle thread stays free for results (a lone task's result never
-                # queues behind its own ack).
-                deliveries = await loop.run_in_executor(
-                    self.io_executor, self.transport.ack_then_fetch, acks, self.consumer_id,
-                    self.queues, room, self.poll_timeout)
+                # queues behind its own ack). What the transport can do at once (acks on a
+                # connection of its own, deliveries it holds already) skips the I/O hop.
+                ready = self.transport.fetch_ready(acks, self.consumer_id, self.queues, room)
+                if ready is not None:
+                    acks = []
+                if ready:
+                    deliveries = ready
+                else:
+                    deliveries = await loop.run_in_executor(
+                        self.io_executor, self.transport.ack_then_fetch, acks,
+                        self.consumer_id, self.queues, room, self.poll_timeout)
                 backoff = 0.1
             except Exception as exc:
                 log.error("Broker error while fetching (%s: %s); retrying in %.1fs",
