@@ -147,3 +147,64 @@ def test_outcomes_sent_from_a_signal_handler_carry_their_results(channel_pair):
     channel.before_exit()  # (SIGTERM or the hold deadline: the store may be mid-call)
     (_, outcomes), = reader.feed(parent.recv(1 << 16))
     assert store.batches == [] and Outcome(*outcomes[0]).results == (meta,)
+
+
+# -- the timer for held outcomes --------------------------------------------------------------
+@pytest.fixture
+def timer_calls(monkeypatch):
+    """What the channel does with the interval timer (never really armed here)."""
+    import signal
+
+    calls: list[float] = []
+    monkeypatch.setattr(signal, "setitimer", lambda which, seconds: calls.append(seconds))
+    return calls
+
+
+def _short_jobs(channel, count):
+    """Queue ``count`` jobs of a task type this child knows as short."""
+    short = dataclasses.replace(JOB, time_limit=None, soft_time_limit=None)
+    channel.runtimes[short.name] = 0.0
+    channel.queue.extend(short.to_tuple() for _ in range(count))
+
+
+def test_one_timer_covers_a_batch_of_held_outcomes_and_goes_with_it(channel_pair, timer_calls):
+    store = _Store()
+    channel, parent, reader = channel_pair(store)
+    _short_jobs(channel, 5)
+    for job_id in (1, 2, 3):
+        channel.starting()
+        _finished(channel, job_id, None)
+        channel.queue.popleft()
+    assert len(channel.held) == 3
+    assert len(timer_calls) == 1 and 0 < timer_calls[0] <= 0.002  # armed once, not per job
+    channel.queue.clear()
+    _finished(channel, 4, None)  # the queue ran dry: all four go, and so does the timer
+    (_, outcomes), = reader.feed(parent.recv(1 << 16))
+    assert len(outcomes) == 4 and timer_calls[-1] == 0 and not channel.alarm
+
+
+def test_held_outcomes_whose_time_ran_out_between_jobs_go_before_the_next_one(
+        channel_pair, timer_calls):
+    store = _Store()
+    channel, parent, reader = channel_pair(store)
+    _short_jobs(channel, 5)
+    channel.starting()
+    meta = _finished(channel, 1, "r")
+    channel.hold_expired()  # the alarm, between two jobs: nothing is sent from the handler
+    assert channel.held and store.batches == []
+    channel.starting()  # sent (and stored) before the next job runs
+    (_, outcomes), = reader.feed(parent.recv(1 << 16))
+    assert store.batches == [([meta], "r")] and Outcome(*outcomes[0]).results == ()
+    assert not channel.held and channel.in_job
+
+
+def test_held_outcomes_whose_time_ran_out_in_a_long_job_go_at_once(channel_pair, timer_calls):
+    store = _Store()
+    channel, parent, reader = channel_pair(store)
+    _short_jobs(channel, 5)
+    channel.starting()
+    meta = _finished(channel, 1, "r")
+    channel.starting()
+    channel.hold_expired()  # the alarm, inside a job: sent now, the worker stores the result
+    (_, outcomes), = reader.feed(parent.recv(1 << 16))
+    assert store.batches == [] and Outcome(*outcomes[0]).results == (meta,)

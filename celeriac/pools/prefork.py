@@ -265,7 +265,9 @@ class _Channel:
         self.replies: list[str | None] = []  # reply_to of each held outcome's job
         self.held_since = 0.0
         self.sending = False
-        self.alarm = False
+        self.alarm = False  # the timer for the held outcomes is set
+        self.overdue = False  # it went off between jobs
+        self.in_job = False
         self.runtimes: dict[str, float] = {}
         self._reader = _Reader()
 
@@ -292,17 +294,15 @@ class _Channel:
         return Job(*self.queue.popleft())
 
     def starting(self) -> None:
-        """A job starts: if outcomes are held back, set the time they must go out by."""
-        if self.held:
-            left = _HOLD_FOR - (time.monotonic() - self.held_since)
-            signal.setitimer(signal.ITIMER_REAL, max(left, 0.0001))
-            self.alarm = True
+        """A job starts; outcomes held back past their time (the timer went off between
+        jobs) go out first."""
+        if self.overdue and self.held:
+            self.send_held(False)
+        self.in_job = True
 
     def finished(self, job: Job, outcome: Outcome, retiring: bool) -> None:
         """Send ``outcome`` now, or hold it back while the next job is a short one."""
-        if self.alarm:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            self.alarm = False
+        self.in_job = False
         _runtime_average(self.runtimes, job.name, outcome.runtime)
         if not self.held:
             self.held_since = time.monotonic()
@@ -312,6 +312,20 @@ class _Channel:
             self.take(block=False)
         if retiring or len(self.queue) < _LOW_WATER or not self._may_hold(self.queue[0]):
             self.send_held(retiring)
+        elif not self.alarm:  # one timer for the whole batch, not one per job
+            left = _HOLD_FOR - (time.monotonic() - self.held_since)
+            signal.setitimer(signal.ITIMER_REAL, max(left, 0.0001))
+            self.alarm = True
+
+    def hold_expired(self) -> None:
+        """``SIGALRM`` for the held outcomes: send them from within a job that runs long
+        (without storing: the job may be using the result store's connection); between
+        jobs, :meth:`starting` sends them."""
+        self.alarm = False
+        if self.in_job:
+            self.before_exit()
+        else:
+            self.overdue = True
 
     def _may_hold(self, upcoming: tuple[Any, ...]) -> bool:
         # a job tuple (Job.to_tuple): the task name at 2, the hard time limit at 9
@@ -320,6 +334,10 @@ class _Channel:
                 and time.monotonic() - self.held_since < _HOLD_FOR)
 
     def send_held(self, retiring: bool, store: bool = True) -> None:
+        if self.alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            self.alarm = False
+        self.overdue = False
         if self.held:
             if store and self.store is not None:
                 self._store_results()
@@ -380,7 +398,7 @@ def _child_main(app: Celeriac, sock: socket.socket, hostname: str, parent_pid: i
         _die_with_parent(parent_pid)
         if limits.child_setup is not None:
             limits.child_setup(index)
-        soft, started, done = _SoftLimit(channel.before_exit), 0, 0
+        soft, started, done = _SoftLimit(channel.hold_expired), 0, 0
         # Results are kept with the outcomes: the channel stores them in a batch before it
         # sends the outcomes (if it has a store), else the parent stores them in batches.
         hand_over = HandOver(app.conf.result_serializer)
