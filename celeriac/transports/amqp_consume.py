@@ -31,6 +31,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from .amqp_header import read_content_header
 from .amqp_io import Settings, describe_error
 
 try:
@@ -384,9 +385,7 @@ class LeanChannel:
             self.settle([dtag], requeue=True)
 
     def _read_content(self, reader: FrameReader, delivery: Any) -> Delivered:
-        header = pamqp_frame.unmarshal(reader.frame())[2]
-        if not isinstance(header, ContentHeader):
-            raise ConnectionError(f"expected a content header, got {type(header).__name__}")
+        header = read_content_header(reader.frame())
         parts: list[bytes] = []
         size = 0
         while size < header.body_size:
