@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import decimal
+import socket
 from typing import Any
 
 import pytest
@@ -12,7 +14,9 @@ from pamqp import frame as pamqp_frame
 from pamqp.header import ContentHeader
 
 from celeriac.transports import amqp_header
+from celeriac.transports.amqp_consume import FrameReader, LeanChannel
 from celeriac.transports.amqp_header import Properties, read_content_header
+from celeriac.transports.amqp_io import Settings
 
 NAMES = [name for name, _ in amqp_header._FIELDS]
 
@@ -77,3 +81,23 @@ def test_a_frame_that_is_not_a_content_header_ends_the_connection() -> None:
     method = pamqp_frame.marshal(spec.Basic.Ack(delivery_tag=1), 1)
     with pytest.raises(ConnectionError, match="content header"):
         read_content_header(method)
+
+
+def test_the_consuming_connection_reads_deliveries_with_this_reader() -> None:
+    ours, broker = socket.socketpair()
+    loop = asyncio.new_event_loop()
+    try:
+        body = b"x" * 300
+        broker.sendall(pamqp_frame.marshal(ContentHeader(0, len(body), spec.Basic.Properties(
+            content_type="application/json", headers=TASK_HEADERS)), 1)
+            + bytes([3, 0, 1]) + len(body[:200]).to_bytes(4, "big") + body[:200] + b"\xce"
+            + bytes([3, 0, 1]) + len(body[200:]).to_bytes(4, "big") + body[200:] + b"\xce")
+        lean = LeanChannel(Settings.parse("amqp://", {}), loop)
+        got = lean._read_content(FrameReader(ours), "delivery")
+        assert got.body == body and got.delivery == "delivery"
+        assert isinstance(got.header.properties, Properties)
+        assert got.header.properties.headers == TASK_HEADERS
+    finally:
+        ours.close()
+        broker.close()
+        loop.close()
