@@ -891,3 +891,24 @@ def test_without_aiormq_the_error_says_what_to_install(monkeypatch: pytest.Monke
     monkeypatch.setattr(amqp_io, "aiormq", None)
     with pytest.raises(ConfigurationError, match=r"pip install celeriac\[amqp\]"):
         open_transport("amqp://guest:guest@127.0.0.1:1//", clock=time.time)
+
+
+class TestAMQPTransportOnAiormq(TestAMQPTransport):
+    """The same contract with deliveries consumed through aiormq on the I/O thread, as for
+    ``amqps://`` and under gevent (our own consuming connection is not used there)."""
+
+    @pytest.fixture(autouse=True)
+    def _through_aiormq(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from celeriac.transports.amqp_io import Link
+
+        monkeypatch.setattr(Link, "lean_consumer", property(lambda self: False))
+
+    def test_the_consuming_channel_is_aiormq_s(self, make_transport: Factory,
+                                               clock: FakeClock) -> None:
+        transport = make_transport(clock=clock)
+        assert isinstance(transport, AMQPTransport)
+        transport.publish("q", message(1))
+        [got] = transport.fetch("c1", ["q"], 1, 5.0)
+        assert not isinstance(transport._ensure().link.channels["cons"], LeanChannel)
+        transport.ack([got.tag])
+        assert transport.fetch("c1", ["q"], 1, 0) == []

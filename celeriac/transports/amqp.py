@@ -622,9 +622,16 @@ class AMQPTransport(Transport):
         if isinstance(ch, LeanChannel):
             self._settle_direct(st, picked)
             return
-        live, acks = self._acks(st, ch, picked)
-        if ch is None or not acks:
+        live = [] if ch is None or ch.is_closed else [p for p in picked if p.epoch == st.epoch]
+        if len(live) < len(picked):
+            self._settle_later(st, [p for p in picked if all(p is not q for q in live)])
+        tags = sorted(p.dtag for p in live)
+        if not tags or ch is None:
             return
+        with st.cond:  # one ack covers them all when no other delivery is older than the last
+            others = [p.dtag for p in st.buffer] + [p.dtag for _, p in st.held.values()]
+        acks = ([(tags[-1], True)] if not others or min(others) > tags[-1]
+                else [(dtag, False) for dtag in tags])
         try:  # returns once the frames are written: the broker settles them in order
             for dtag, multiple in acks:
                 await ch.basic_ack(dtag, multiple=multiple, wait=dtag == acks[-1][0])
@@ -648,22 +655,6 @@ class AMQPTransport(Transport):
                 self._settle_later(st, mine)
             else:
                 st.remember_sent(mine)
-
-    def _acks(self, st: _State, ch: Any, picked: list[_Pending]
-              ) -> tuple[list[_Pending], list[tuple[int, bool]]]:
-        """What of ``picked`` can be acked on ``ch``, and the acks that do it: one that
-        covers them all (``multiple``) when no other delivery is older than the last."""
-        live = [] if ch is None or ch.is_closed else [p for p in picked if p.epoch == st.epoch]
-        if len(live) < len(picked):
-            self._settle_later(st, [p for p in picked if all(p is not q for q in live)])
-        tags = sorted(p.dtag for p in live)
-        if not tags:
-            return [], []
-        with st.cond:
-            others = [p.dtag for p in st.buffer] + [p.dtag for _, p in st.held.values()]
-        if not others or min(others) > tags[-1]:
-            return live, [(tags[-1], True)]
-        return live, [(dtag, False) for dtag in tags]
 
     def _settle_later(self, st: _State, stale: list[_Pending]) -> None:
         now = time.monotonic()
