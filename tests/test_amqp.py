@@ -239,6 +239,44 @@ class TestRPCBackend(BackendContract):
         with pytest.raises(ConfigurationError, match="amqp://"):
             assert open_backend("rpc://", clock=time.time, broker=lambda: memory).reply_to
 
+    def test_results_arrive_on_the_consuming_connection_also_after_a_reconnect(
+            self, make_backend: Factory) -> None:
+        """The reply queue is consumed on the link's own connection (no aiormq, no I/O
+        thread between a result and its waiter), and again on the next one after a drop."""
+        client, worker = make_backend(clock=time.time), make_backend(clock=time.time)
+        reply_to = client.reply_to
+        transport = client._transport()
+        link = transport._ensure().link
+        first = link.channels["cons"]
+        assert isinstance(first, LeanChannel)
+        assert [li.channel for li in link.listeners] == [first]
+        worker.store(make_meta("t1", states.SUCCESS, result=1), reply_to)
+        assert client.get("t1")["result"] == 1  # a round trip on that connection first
+        transport.drop_connection()
+        eventually(lambda: link.up and link.channels["cons"] is not first)
+        assert first.is_closed
+        assert [li.channel for li in link.listeners] == [link.channels["cons"]]
+        worker.store(make_meta("t2", states.SUCCESS, result=2), reply_to)
+        assert client.wait("t2", 10.0)["result"] == 2
+
+
+class TestRPCBackendOnAiormq(TestRPCBackend):
+    """The same with the reply queue consumed through aiormq on the I/O thread, as for
+    ``amqps://`` and under gevent."""
+
+    @pytest.fixture(autouse=True)
+    def _through_aiormq(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from celeriac.transports.amqp_io import Link
+
+        monkeypatch.setattr(Link, "lean_consumer", property(lambda self: False))
+
+    def test_results_arrive_on_the_consuming_connection_also_after_a_reconnect(
+            self, make_backend: Factory) -> None:
+        client = make_backend(clock=time.time)
+        client.reply_to  # noqa: B018 - listening starts here
+        link = client._transport()._ensure().link
+        assert [li.channel for li in link.listeners] == [link.channels["aux"]]
+
 
 # -- what only the AMQP transport promises ---------------------------------------------------
 def _on_a_channel(url: str, action: Callable[[Any], Any]) -> None:
@@ -658,6 +696,44 @@ def test_the_consuming_connection_acks_only_what_it_delivered_and_nothing_twice(
         assert written == [("Ack", 3, False), ("Ack", 2, True), ("Ack", 5, False),
                            ("Nack", 4, False)]
         assert not lean._unsettled
+    finally:
+        ours.close()
+        broker.close()
+        loop.close()
+
+
+def test_a_delivery_to_a_no_ack_consumer_is_handed_over_and_never_acked() -> None:
+    """Reply queues are consumed without acks: the broker settled those deliveries as it
+    sent them, and an ack naming one would make it close the channel."""
+    from pamqp import body as pamqp_body
+    from pamqp import commands as spec
+    from pamqp import frame as pamqp_frame
+    from pamqp import header as pamqp_header
+
+    from celeriac.transports.amqp_consume import FrameReader
+
+    ours, broker = socket.socketpair()
+    loop = asyncio.new_event_loop()
+    try:
+        lean = LeanChannel(Settings.parse("amqp://", {}), loop)
+        lean.sock = ours
+        got: list[Any] = []
+        lean._consumers["replies"] = got.append
+        lean._no_ack.add("replies")
+        frames = [spec.Basic.Deliver(consumer_tag="replies", delivery_tag=7,
+                                     routing_key="box"),
+                  pamqp_header.ContentHeader(0, 5, spec.Basic.Properties(correlation_id="t1")),
+                  pamqp_body.ContentBody(b"hello")]
+        broker.sendall(b"".join(pamqp_frame.marshal(f, 1) for f in frames))
+        reader = FrameReader(ours)
+        lean._dispatch(reader, reader.frame())
+        [message] = got
+        assert message.body == b"hello"
+        assert message.header.properties.correlation_id == "t1"
+        assert not lean._unsettled
+        lean.settle([7])  # not ours to ack: nothing is written
+        ours.shutdown(socket.SHUT_WR)
+        assert broker.recv(4096) == b""
     finally:
         ours.close()
         broker.close()

@@ -804,8 +804,10 @@ class AMQPTransport(Transport):
                expires: float | None = None) -> object:
         """Consume ``queue`` (exclusive to this connection, deleted with it) without acks.
 
-        ``on_message(message, expires_at)`` runs on the I/O thread for each message;
-        ``expires_at`` is the sender's clock reading plus the ttl it gave, or ``None``.
+        ``on_message(message, expires_at)`` runs for each message on the thread that reads
+        the connection (see :class:`~.amqp_io.Listener`), so it must be quick and must not
+        call back into this handle; ``expires_at`` is the sender's clock reading plus the
+        ttl it gave, or ``None``.
         Declared and consumed again after a reconnect. Returns a handle for
         :meth:`unlisten`.
         """

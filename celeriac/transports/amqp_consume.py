@@ -7,12 +7,14 @@ frames that matter here directly and hands each message to the consumer's callba
 that thread. Acks and rejects are written from whichever thread settles them.
 
 It stands in for the ``cons`` channel of :class:`~celeriac.transports.amqp_io.Link` and has
-the few aiormq channel methods the transport uses on it (``basic_qos``, ``basic_consume``,
-``basic_cancel``, ``basic_get``, ``basic_nack``, ``is_closed``, ``closing``), so the
-transport's bookkeeping (epochs, orphans, barriers) stays as it is; acks go through
-:meth:`LeanChannel.settle`, which knows which deliveries of this connection are unsettled.
-Its life is the link's: when either connection fails, both are closed and opened again
-together.
+the few aiormq channel methods the link and the transport use on it (``basic_qos``,
+``basic_consume``, ``basic_cancel``, ``basic_get``, ``basic_nack``, ``queue_declare``,
+``is_closed``, ``closing``), so the transport's bookkeeping (epochs, orphans, barriers)
+stays as it is; acks go through :meth:`LeanChannel.settle`, which knows which deliveries of
+this connection are unsettled. The link's reply queues (``rpc://`` results, control
+replies) are consumed here too, without acks, so a reply reaches its waiter straight from
+the reader thread. Its life is the link's: when either connection fails, both are closed
+and opened again together.
 """
 
 from __future__ import annotations
@@ -177,6 +179,7 @@ class LeanChannel:
         self._write_lock = threading.RLock()  # close() may come from within a write
         self._wrote = time.monotonic()
         self._consumers: dict[str, Callable[[Delivered], None]] = {}
+        self._no_ack: set[str] = set()  # consumer tags whose deliveries need no ack
         #: delivery tags this connection handed us and nobody has settled yet
         self._unsettled: set[int] = set()
         self._waiting: deque[tuple[tuple[type, ...], Future[Any]]] = deque()
@@ -256,10 +259,14 @@ class LeanChannel:
         return await self._rpc(spec.Basic.Qos(prefetch_count=prefetch_count), spec.Basic.QosOk)
 
     async def basic_consume(self, queue: str, callback: Callable[[Delivered], None], *,
-                            consumer_tag: str) -> Any:
+                            consumer_tag: str, no_ack: bool = False) -> Any:
+        """Consume ``queue``; with ``no_ack`` its deliveries are settled by the broker as it
+        sends them, so they are never tracked or acked here."""
         self._consumers[consumer_tag] = callback
-        return await self._rpc(spec.Basic.Consume(queue=queue, consumer_tag=consumer_tag),
-                               spec.Basic.ConsumeOk)
+        if no_ack:
+            self._no_ack.add(consumer_tag)
+        return await self._rpc(spec.Basic.Consume(queue=queue, consumer_tag=consumer_tag,
+                                                  no_ack=no_ack), spec.Basic.ConsumeOk)
 
     async def basic_cancel(self, consumer_tag: str) -> Any:
         try:
@@ -267,6 +274,21 @@ class LeanChannel:
                                    spec.Basic.CancelOk)
         finally:
             self._consumers.pop(consumer_tag, None)
+            self._no_ack.discard(consumer_tag)
+
+    async def queue_declare(self, queue: str, *, exclusive: bool = False,
+                            auto_delete: bool = False,
+                            arguments: dict[str, Any] | None = None) -> Any:
+        """Declare ``queue``; an exclusive one lives as long as this connection."""
+        return await self._rpc(spec.Queue.Declare(queue=queue, exclusive=exclusive,
+                                                  auto_delete=auto_delete, arguments=arguments),
+                               spec.Queue.DeclareOk)
+
+    async def ping(self) -> None:
+        """A round trip: what the broker sent before its answer has reached the callbacks
+        (they run on the reader thread, in the order the frames came)."""
+        await self._rpc(spec.Exchange.Declare(exchange="amq.direct", exchange_type="direct",
+                                              passive=True), spec.Exchange.DeclareOk)
 
     async def basic_get(self, queue: str) -> Delivered:
         return await self._rpc(spec.Basic.Get(queue=queue), spec.Basic.GetOk,
@@ -377,6 +399,11 @@ class LeanChannel:
         dtag, = struct.unpack_from(">Q", data, at)
         redelivered = bool(data[at + 8] & 1)
         message = self._read_content(reader, _Delivery(dtag, redelivered))
+        if tag in self._no_ack:  # the broker settled it as it sent it
+            listener = self._consumers.get(tag)
+            if listener is not None:
+                listener(message)
+            return
         self._track(dtag)
         callback = self._consumers.get(tag)
         if callback is not None:

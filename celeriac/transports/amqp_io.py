@@ -401,7 +401,10 @@ class Listener:
     """A no-ack consumer on an exclusive, auto-delete queue of ours; restored after reconnects.
 
     An empty ``queue`` lets the broker name it; with ``exchange`` it is bound to that fanout
-    exchange. ``on_message`` runs on the I/O thread with aiormq's delivered message.
+    exchange. A plain queue is consumed on the link's own consuming connection when it has
+    one (see :attr:`Link.lean_consumer`), so ``on_message`` runs on that connection's reader
+    thread; otherwise (and for exchanges) on the I/O thread. It gets a delivered message in
+    aiormq's shape (``header.properties``, ``body``) either way.
     """
 
     queue: str
@@ -409,6 +412,7 @@ class Listener:
     expires: float | None = None
     exchange: str | None = None
     ctag: str | None = None
+    channel: Any = None  #: the channel consuming it, once started
 
 
 def describe_error(exc: BaseException) -> str:
@@ -663,7 +667,8 @@ class Link:
         await self._start(listener)
 
     async def _start(self, listener: Listener) -> None:
-        ch = await self.channel("aux")
+        ch = await self.channel("aux" if listener.exchange or not self.lean_consumer
+                                else "cons")
         if listener.exchange:
             await self.declare_exchange(listener.exchange, "fanout")
         args = ({"x-expires": max(1, round(listener.expires * 1000))}
@@ -673,21 +678,26 @@ class Link:
         if listener.exchange:
             await ch.queue_bind(ok.queue, listener.exchange)
         listener.ctag = f"celeriac.{uuid.uuid4().hex}"
+        listener.channel = ch
         await ch.basic_consume(ok.queue, listener.on_message, no_ack=True,
                                consumer_tag=listener.ctag)
 
     async def unlisten(self, listener: Listener) -> None:
         """Stop consuming; the broker deletes the (auto-delete) queue."""
         self.listeners.discard(listener)
-        ch = self.channels.get("aux")
+        ch = listener.channel
         if listener.ctag and ch is not None and not ch.is_closed and self.up:
             with contextlib.suppress(amqp_errors.AMQPError, RuntimeError):
                 await ch.basic_cancel(listener.ctag)
 
     async def sync(self) -> None:
-        """A round trip on ``aux``: what the broker sent to our listeners before has arrived."""
+        """Round trips on the channels listeners use: what the broker sent to them before
+        has arrived."""
         ch = await self.channel("aux")
         await ch.basic_qos(prefetch_count=0)
+        cons = self.channels.get("cons")
+        if self.lean_consumer and any(li.channel is cons for li in self.listeners):
+            await (await self.channel("cons")).ping()
 
     # -- publishing ---------------------------------------------------------------------------
     async def publish(self, key: str, body: bytes, props: Any, *, exchange: str = "",
