@@ -466,14 +466,19 @@ class AMQPTransport(Transport):
 
     def _take(self, st: _State, consumer: str, wires: dict[str, str],
               limit: int) -> list[Delivery]:
-        """Hand out up to ``limit`` buffered deliveries (caller holds ``st.cond``)."""
+        """Hand out up to ``limit`` buffered deliveries, highest priority first, then in
+        the order they came (caller holds ``st.cond``)."""
         mine = st.pending_for(wires.keys())
         if not mine:
             return []
-        mine.sort(key=lambda p: (-p.delivery.priority, p.seq))
+        if any(p.delivery.priority for p in mine):  # the buffer is in arrival order already
+            mine.sort(key=lambda p: (-p.delivery.priority, p.seq))
         chosen = mine[:limit]
-        taken = {id(p) for p in chosen}
-        st.buffer = [p for p in st.buffer if id(p) not in taken]
+        if all(a is b for a, b in zip(chosen, st.buffer)):  # the usual case: its front
+            del st.buffer[:len(chosen)]
+        else:
+            taken = {id(p) for p in chosen}
+            st.buffer = [p for p in st.buffer if id(p) not in taken]
         for p in chosen:
             st.held[p.delivery.tag] = (consumer, p)
         return [p.delivery for p in chosen]
