@@ -740,6 +740,54 @@ def test_a_delivery_to_a_no_ack_consumer_is_handed_over_and_never_acked() -> Non
         loop.close()
 
 
+def test_the_prefetch_grows_at_once_and_shrinks_only_after_a_while(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each change restarts the consumers, and a fetch's limit may be stale when it runs:
+    one small fetch among the usual ones leaves the prefetch as it is."""
+    from types import SimpleNamespace
+
+    from celeriac.transports import amqp as amqp_module
+
+    monkeypatch.setattr(amqp_module, "_SHRINK_AFTER_SECONDS", 0.2)
+    st: Any = SimpleNamespace(prefetch=8, few_since=None)
+    resize = AMQPTransport._resize
+    assert resize(st, 9)  # more: at once
+    assert not resize(st, 8) and not resize(st, 5)
+    assert not resize(st, 1)  # far fewer, once
+    assert not resize(st, 8)  # the usual again
+    time.sleep(0.3)
+    assert not resize(st, 2)  # far fewer since just now
+    time.sleep(0.1)
+    assert not resize(st, 3)
+    time.sleep(0.15)
+    assert resize(st, 2)  # far fewer for a while: shrink
+    assert not resize(st, 0)  # (a fetch that waits for nothing says nothing)
+
+
+def test_an_ack_at_once_is_written_from_the_callers_thread(make_transport: Factory,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """On our own consuming connection an early ack needs no hop to the I/O thread; through
+    aiormq it does, so the caller is told to ack the usual way."""
+    lean = make_transport(clock=time.time)
+    assert isinstance(lean, AMQPTransport)
+    lean.publish_many([("q", message(n), 0) for n in range(3)])
+    first, *rest = lean.fetch("c1", ["q"], 3, 5.0)
+    assert lean.ack_at_once([first.tag]) is True
+    assert lean.renew("c1") == 2  # it is settled; the others are still held
+    lean.close()  # the other two go back to the queue
+    from celeriac.transports.amqp_io import Link
+
+    monkeypatch.setattr(Link, "lean_consumer", property(lambda self: False))
+    other = make_transport(clock=time.time)
+    got = other.fetch("c1", ["q"], 2, 5.0)
+    assert numbers(got) == [1, 2]
+    assert other.ack_at_once([d.tag for d in got]) is False
+    assert other.renew("c1") == 2  # nothing was done
+    other.ack([d.tag for d in got])
+    assert other.queue_size("q") == 0
+
+
 def test_deliveries_and_acks_use_a_connection_of_our_own(amqp: AMQPTransport,
                                                           make_transport: Factory) -> None:
     amqp.publish_many([("q", message(n), 0) for n in range(300)])
