@@ -764,30 +764,6 @@ def test_the_prefetch_grows_at_once_and_shrinks_only_after_a_while(
     assert not resize(st, 0)  # (a fetch that waits for nothing says nothing)
 
 
-def test_an_ack_at_once_is_written_from_the_callers_thread(make_transport: Factory,
-                                                          monkeypatch: pytest.MonkeyPatch
-                                                          ) -> None:
-    """On our own consuming connection an early ack needs no hop to the I/O thread; through
-    aiormq it does, so the caller is told to ack the usual way."""
-    lean = make_transport(clock=time.time)
-    assert isinstance(lean, AMQPTransport)
-    lean.publish_many([("q", message(n), 0) for n in range(3)])
-    first, *rest = lean.fetch("c1", ["q"], 3, 5.0)
-    assert lean.ack_at_once([first.tag]) is True
-    assert lean.renew("c1") == 2  # it is settled; the others are still held
-    lean.close()  # the other two go back to the queue
-    from celeriac.transports.amqp_io import Link
-
-    monkeypatch.setattr(Link, "lean_consumer", property(lambda self: False))
-    other = make_transport(clock=time.time)
-    got = other.fetch("c1", ["q"], 2, 5.0)
-    assert numbers(got) == [1, 2]
-    assert other.ack_at_once([d.tag for d in got]) is False
-    assert other.renew("c1") == 2  # nothing was done
-    other.ack([d.tag for d in got])
-    assert other.queue_size("q") == 0
-
-
 def test_deliveries_and_acks_use_a_connection_of_our_own(amqp: AMQPTransport,
                                                           make_transport: Factory) -> None:
     amqp.publish_many([("q", message(n), 0) for n in range(300)])

@@ -317,47 +317,6 @@ def test_what_the_transport_can_do_at_once_skips_the_io_thread(app, run_worker, 
     assert sum(acks for acks, _ in calls) > 0  # with early acks (others go when no room)
 
 
-def test_an_early_ack_of_a_task_started_when_a_slot_frees_goes_out_at_once(app, run_worker,
-                                                                          monkeypatch):
-    """A task started because another one ended (not by the fetch loop) is acked at once on
-    the worker's loop when the transport can (AMQP on its own consuming connection): the
-    broker's window moves on without waiting for the next batch of results. A late ack never
-    goes that way: it waits for its result to be stored."""
-    transport = app.transport
-    at_once: list[tuple[str, ...]] = []
-    acked: list[tuple[str, ...]] = []
-    ack = transport.ack
-
-    def ack_at_once(tags):
-        at_once.append(tuple(tags))
-        ack(tags)
-        return True
-
-    def recording_ack(tags):
-        acked.append(tuple(tags))
-        return ack(tags)
-
-    monkeypatch.setattr(transport, "ack_at_once", ack_at_once)
-    monkeypatch.setattr(transport, "ack", recording_ack)
-
-    @app.task
-    def early(x):
-        time.sleep(0.05)
-        return x
-
-    @app.task(acks_late=True)
-    def late():
-        return "late"
-
-    results = [early.delay(n) for n in range(3)] + [late.delay()]
-    run_worker(pool="threads", concurrency=1)  # all four fetched at once, run one by one
-    assert [r.get(timeout=10) for r in results] == [0, 1, 2, "late"]
-    wait_for(lambda: len(acked) >= 2, 10, "the other acks")
-    assert len(at_once) == 2  # the first was started (and acked) by the fetch loop
-    # that one, and the late one (after its result): each the usual way, alone
-    assert len(acked) == 2 and all(len(tags) == 1 and tags not in at_once for tags in acked)
-
-
 def test_a_result_is_not_held_for_the_batch_window_when_work_runs_out(app, run_worker,
                                                                       monkeypatch):
     """Results are batched while every slot is busy; when the last queued task ends the

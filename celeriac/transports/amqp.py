@@ -454,26 +454,12 @@ class AMQPTransport(Transport):
             st.woken = False
         return got
 
-    def _acking_here(self) -> _State | None:
-        """This process's state when acks are writes on our own consuming connection (from
-        any thread); ``None`` when they go through the I/O thread."""
+    def fetch_ready(self, acks: Sequence[str], consumer: str, queues: Sequence[str],
+                    limit: int) -> list[Delivery] | None:
         st = self._state
         if st is None or st.pid != os.getpid() or not isinstance(st.link.channels.get("cons"),
                                                                   LeanChannel):
-            return None
-        return st
-
-    def ack_at_once(self, acks: Sequence[str]) -> bool:
-        if self._acking_here() is None:
-            return False
-        self.ack_or_log(acks)
-        return True
-
-    def fetch_ready(self, acks: Sequence[str], consumer: str, queues: Sequence[str],
-                    limit: int) -> list[Delivery] | None:
-        st = self._acking_here()
-        if st is None:
-            return None
+            return None  # acks go through the I/O thread
         wires = {self._name(q): q for q in queues}
         with st.cond:
             if st.wanted.keys() != wires.keys() or any(w not in st.consumers for w in wires):

@@ -168,13 +168,6 @@ class Transport(abc.ABC):
         Transports that push deliveries into a local buffer can."""
         return None
 
-    def ack_at_once(self, acks: Sequence[str]) -> bool:
-        """:meth:`ack_or_log` from the caller's thread when that needs no broker round trip
-        (a write on a connection of the transport's own); ``False`` when it cannot be done
-        so (nothing was done; ack through the I/O path). For early acks, which then free the
-        broker's window for the next message at once."""
-        return False
-
     def ack_then_fetch(self, acks: Sequence[str], consumer: str, queues: Sequence[str],
                        limit: int, timeout: float) -> list[Delivery]:
         """:meth:`ack` then :meth:`fetch` (a worker acks what it just started on receipt

@@ -412,22 +412,20 @@ class Consumer:
         request.time_start = time.time()
         self.state.active[request.job.job_id] = request
         if not request.acks_late:
-            self._ack(request, early=True)
+            self._ack(request)
         future = self.pool.apply(request.job)
         request.worker_pid = self.pool.job_pid(request.job.job_id)
         self.events.task("task-started", request.id)
         self._futures[request.job.job_id] = future
         future.add_done_callback(lambda f: self._on_outcome(request, f.result()))
 
-    def _ack(self, request: Request, *, early: bool = False) -> None:
+    def _ack(self, request: Request) -> None:
         if request.acknowledged:
             return
         request.acknowledged = True
         if self._piggyback is not None:  # started by the fetch loop: acked by its next fetch
             self._piggyback.append(request.delivery.tag)
             return
-        if early and self.transport.ack_at_once([request.delivery.tag]):
-            return  # (a late ack waits for its result to be stored: it goes with the batch)
         self._acks.append(request.delivery.tag)
         self._flush_soon()
 
