@@ -478,7 +478,7 @@ class AMQPTransport(Transport):
         if any(p.delivery.priority for p in mine):  # the buffer is in arrival order already
             mine.sort(key=lambda p: (-p.delivery.priority, p.seq))
         chosen = mine[:limit]
-        if all(a is b for a, b in zip(chosen, st.buffer)):  # the usual case: its front
+        if all(a is b for a, b in zip(chosen, st.buffer, strict=False)):  # (its front)
             del st.buffer[:len(chosen)]
         else:
             taken = {id(p) for p in chosen}
