@@ -233,7 +233,16 @@ def run_worker(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
     for worker, thread in started:
         worker.stop()
         thread.join(10)
-        assert not thread.is_alive(), "worker did not stop"
+        assert not thread.is_alive(), f"worker did not stop; where its threads are:\n{_stacks()}"
+
+
+def _stacks() -> str:
+    """Every thread's stack (for a worker that hangs: which call holds it up)."""
+    import traceback
+
+    names = {t.ident: t.name for t in threading.enumerate()}
+    return "\n".join(f"--- {names.get(ident, ident)}\n{''.join(traceback.format_stack(frame))}"
+                     for ident, frame in sys._current_frames().items())
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str,
