@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..worker.execute import LOST, Job, Outcome
 from ..worker.execute_async import AsyncRun, TaskThreads, quiet_late_results
-from .base import Pool
+from .base import LoopInbox, Pool
 
 if TYPE_CHECKING:
     from ..app import Celeriac
@@ -63,6 +63,8 @@ class AsyncioPool(Pool):
         super().__init__(app, concurrency=concurrency, hostname=hostname, **kw)
         self._loop: asyncio.AbstractEventLoop | None = None  # the worker's
         self._task_loop: asyncio.AbstractEventLoop | None = None  # the pool's own
+        self._to_worker: LoopInbox | None = None  # outcomes, to the worker's loop
+        self._to_pool: LoopInbox | None = None  # jobs, to the pool's loop
         self._thread: threading.Thread | None = None
         self._tasks = TaskThreads(min(_MAX_SYNC_THREADS, concurrency), "celeriac-asyncio-sync")
         self._stores = ThreadPoolExecutor(min(_STORE_THREADS, concurrency),
@@ -81,6 +83,8 @@ class AsyncioPool(Pool):
                                         name="celeriac-asyncio-loop")
         self._thread.start()
         self._task_loop = await ready
+        self._to_worker = LoopInbox(self._loop)
+        self._to_pool = LoopInbox(self._task_loop)
 
     def _serve(self, ready: asyncio.Future[asyncio.AbstractEventLoop]) -> None:
         assert self._loop is not None
@@ -137,9 +141,9 @@ class AsyncioPool(Pool):
         if runner is not None and not runner.done():  # given up on (hard limit, terminate)
             self._leftovers.add(runner)
             runner.add_done_callback(self._leftovers.discard)
-        assert self._loop is not None
+        assert self._to_worker is not None
         with contextlib.suppress(RuntimeError):  # the worker's loop is gone: nobody waits
-            self._loop.call_soon_threadsafe(self._finish, run.job.job_id, future, outcome)
+            self._to_worker.put(self._finish, run.job.job_id, future, outcome)
 
     # -- the worker's loop --------------------------------------------------------------------
     def _finish(self, job_id: int, future: asyncio.Future[Outcome], outcome: Outcome) -> None:
@@ -156,7 +160,8 @@ class AsyncioPool(Pool):
         future: asyncio.Future[Outcome] = self._loop.create_future()
         run = AsyncRun(self.app, job, self.hostname, tasks=self._tasks, stores=self._stores)
         self._runs[job.job_id] = (run, future)
-        self._task_loop.call_soon_threadsafe(self._begin, run, future)
+        assert self._to_pool is not None
+        self._to_pool.put(self._begin, run, future)
         return future
 
     def terminate_job(self, job_id: int, signum: int) -> bool:

@@ -12,6 +12,8 @@ import abc
 import asyncio
 import ctypes
 import os
+import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
     from ..app import Celeriac
     from ..worker.execute import Job, Outcome
 
-__all__ = ["Pool", "PoolLimits", "arm_time_limits", "raise_in_thread"]
+__all__ = ["LoopInbox", "Pool", "PoolLimits", "arm_time_limits", "raise_in_thread"]
 
 
 def raise_in_thread(ident: int, exc: type[BaseException] | None) -> bool:
@@ -32,6 +34,47 @@ def raise_in_thread(ident: int, exc: type[BaseException] | None) -> bool:
     done = ctypes.pythonapi.PyThreadState_SetAsyncExc(
         ctypes.c_ulong(ident), None if exc is None else ctypes.py_object(exc))
     return int(done) == 1
+
+
+class LoopInbox:
+    """Calls for an event loop from other threads, run there in the order they came, with one
+    wake-up of the loop for all that arrive before it runs them.
+
+    ``call_soon_threadsafe`` wakes the loop (a write to its self-pipe, a GIL hand-over) for
+    every call; a pool finishing jobs in many threads at once would pay that for each job.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._calls: deque[tuple[Callable[..., object], tuple[Any, ...]]] = deque()
+        self._lock = threading.Lock()
+        self._woken = False
+
+    def put(self, fn: Callable[..., object], *args: Any) -> None:
+        """Have the loop call ``fn(*args)`` soon; :class:`RuntimeError` if it is closed."""
+        with self._lock:
+            self._calls.append((fn, args))
+            if self._woken:
+                return
+            self._woken = True
+        try:
+            self._loop.call_soon_threadsafe(self._run)
+        except RuntimeError:
+            with self._lock:
+                self._woken = False
+            raise
+
+    def _run(self) -> None:
+        with self._lock:
+            calls = list(self._calls)
+            self._calls.clear()
+            self._woken = False
+        for fn, args in calls:
+            try:
+                fn(*args)
+            except Exception as exc:  # as the loop would for a callback of its own
+                self._loop.call_exception_handler({
+                    "message": f"Exception in callback {fn!r}", "exception": exc})
 
 
 def arm_time_limits(loop: asyncio.AbstractEventLoop, job: Job,

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..exceptions import SoftTimeLimitExceeded, TaskRevokedError
 from ..worker.execute import LOST, HandOver, Job, Outcome, execute
-from .base import Pool, arm_time_limits, raise_in_thread
+from .base import LoopInbox, Pool, arm_time_limits, raise_in_thread
 
 if TYPE_CHECKING:
     from ..app import Celeriac
@@ -41,12 +41,14 @@ class ThreadPool(Pool):
         self._names = itertools.count(1)
         self._busy = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._inbox: LoopInbox | None = None  # outcomes to the worker's loop
         self._running: dict[int, int] = {}  # job id -> thread ident
         self._abandoned: set[int] = set()  # job ids whose slot was given away (hard limit)
         self._timers: dict[int, list[asyncio.TimerHandle]] = {}
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._inbox = LoopInbox(self._loop)
         for _ in range(self.concurrency):
             self._add_thread()
 
@@ -57,7 +59,7 @@ class ThreadPool(Pool):
         thread.start()
 
     def _run(self) -> None:
-        assert self._loop is not None
+        assert self._inbox is not None
         ident = threading.get_ident()
         try:
             while (item := self._jobs.get()) is not _STOP:
@@ -72,7 +74,7 @@ class ThreadPool(Pool):
                 if job.job_id in self._abandoned:
                     self._abandoned.discard(job.job_id)
                     return  # our slot went to a fresh thread at the hard time limit
-                self._loop.call_soon_threadsafe(self._finish, future, outcome)
+                self._inbox.put(self._finish, future, outcome)
         finally:
             self._threads.discard(threading.current_thread())
 
