@@ -740,30 +740,6 @@ def test_a_delivery_to_a_no_ack_consumer_is_handed_over_and_never_acked() -> Non
         loop.close()
 
 
-def test_the_prefetch_grows_at_once_and_shrinks_only_after_a_while(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each change restarts the consumers, and a fetch's limit may be stale when it runs:
-    one small fetch among the usual ones leaves the prefetch as it is."""
-    from types import SimpleNamespace
-
-    from celeriac.transports import amqp as amqp_module
-
-    monkeypatch.setattr(amqp_module, "_SHRINK_AFTER_SECONDS", 0.2)
-    st: Any = SimpleNamespace(prefetch=8, few_since=None)
-    resize = AMQPTransport._resize
-    assert resize(st, 9)  # more: at once
-    assert not resize(st, 8) and not resize(st, 5)
-    assert not resize(st, 1)  # far fewer, once
-    assert not resize(st, 8)  # the usual again
-    time.sleep(0.3)
-    assert not resize(st, 2)  # far fewer since just now
-    time.sleep(0.1)
-    assert not resize(st, 3)
-    time.sleep(0.15)
-    assert resize(st, 2)  # far fewer for a while: shrink
-    assert not resize(st, 0)  # (a fetch that waits for nothing says nothing)
-
-
 def test_deliveries_and_acks_use_a_connection_of_our_own(amqp: AMQPTransport,
                                                           make_transport: Factory) -> None:
     amqp.publish_many([("q", message(n), 0) for n in range(300)])

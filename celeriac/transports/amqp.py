@@ -99,8 +99,6 @@ _RECENT_ACKS = 10_000
 _ORPHAN_SECONDS = 300.0
 #: an ack written this recently when the connection drops may never have reached the broker
 _UNSURE_ACK_SECONDS = 10.0
-#: how long fetches must have wanted far fewer deliveries than the prefetch before it shrinks
-_SHRINK_AFTER_SECONDS = 1.0
 
 
 @dataclass(slots=True)
@@ -165,8 +163,6 @@ class _State:
         self.wanted: dict[str, str] = {}
         self.consumers: dict[str, str] = {}
         self.prefetch = 0
-        #: since when fetches have wanted at most half the prefetch (``None``: they have not)
-        self.few_since: float | None = None
         self.known: set[str] = set()
         self.boxes: dict[str, _Box] = {}
         self.woken = False
@@ -489,19 +485,8 @@ class AMQPTransport(Transport):
 
     @staticmethod
     def _resize(st: _State, need: int) -> bool:
-        """Whether the prefetch should become ``need``: more at once; far fewer once fetches
-        have wanted that few for a while. A change restarts the consumers (the broker applies
-        a prefetch to consumers started after it), and a fetch's ``limit`` may be stale when
-        it runs, so one small ``need`` among the usual ones must not shrink it."""
-        if need > st.prefetch:
-            return True
-        if need <= 0 or need > st.prefetch // 2:
-            st.few_since = None
-            return False
-        now = time.monotonic()
-        if st.few_since is None:
-            st.few_since = now
-        return now - st.few_since >= _SHRINK_AFTER_SECONDS
+        """Whether the prefetch should become ``need``: more, or (with slack) far fewer."""
+        return need > st.prefetch or 0 < need <= st.prefetch // 2
 
     async def _consume(self, st: _State, target: dict[str, str], need: int, *,
                        restoring: bool = False) -> None:
@@ -517,7 +502,7 @@ class AMQPTransport(Transport):
         ch = await st.link.channel("cons")
         restart: list[str] = []
         if self._resize(st, need):
-            st.prefetch, st.few_since = min(max(need, 1), 65535), None
+            st.prefetch = min(max(need, 1), 65535)
             await ch.basic_qos(prefetch_count=st.prefetch)
             restart = [w for w in st.consumers if w in target]
         for wire in [w for w in st.consumers if w not in target]:
