@@ -250,18 +250,37 @@ def test_a_long_running_short_task_does_not_keep_outcomes_back(app, tmp_path):
     run(app, scenario, concurrency=1)
 
 
-def test_a_child_sends_what_it_holds_when_down_to_its_last_queued_job(app, tmp_path,
-                                                                      hold_long):
+def test_a_full_child_sends_what_it_holds_when_down_to_its_last_queued_job(app, tmp_path,
+                                                                           hold_long):
     async def scenario(pool: PreforkPool) -> None:
         await learn_short_noop_and_gate(pool, tmp_path)
         [child] = pool._children.values()
-        futures = [pool.apply(job("pf.noop")) for _ in range(2)]
+        futures = [pool.apply(job("pf.noop")) for _ in range(pool.depth - 1)]
         gate_future = pool.apply(job("pf.gate", "busy"))  # the last job: short, but stuck
+        assert pool.free == 0  # the parent waits for outcomes before it sends more
         await asyncio.wait_for(asyncio.gather(*futures), 10)  # while it runs, not after
         pool._sync(child)
         assert not gate_future.done() and not child.finished
         (tmp_path / "busy").touch()
         assert (await gate_future).state == states.SUCCESS
+
+    run(app, scenario, concurrency=1)
+
+
+def test_a_child_that_was_never_full_holds_its_outcomes_until_its_queue_is_empty(
+        app, tmp_path, hold_long):
+    async def scenario(pool: PreforkPool) -> None:
+        await learn_short_noop_and_gate(pool, tmp_path)
+        [child] = pool._children.values()
+        futures = [pool.apply(job("pf.noop")) for _ in range(2)]
+        gate_future = pool.apply(job("pf.gate", "idle"))  # the last job: short, but stuck
+        assert pool.free > 0  # the parent can send more without these outcomes
+        await started(tmp_path, "idle")
+        pool._sync(child)
+        assert len(child.finished) == 2 and not any(f.done() for f in futures)
+        (tmp_path / "idle").touch()  # its queue runs empty: all three outcomes go
+        outcomes = await asyncio.wait_for(asyncio.gather(*futures, gate_future), 10)
+        assert [o.state for o in outcomes] == [states.SUCCESS] * 3
 
     run(app, scenario, concurrency=1)
 

@@ -58,8 +58,10 @@ SHORT_RUNTIME = 0.001
 #: How many outcomes a child may hold back, and for how long (seconds) at most.
 _HOLD_COUNT = 16
 _HOLD_FOR = 0.002
-#: A child sends what it holds once fewer jobs than this wait in its queue, so the parent
-#: sends it more while it runs the last one instead of after it runs dry.
+#: A child the parent filled up to its depth sends what it holds once fewer jobs than this
+#: wait in its queue, so the parent sends it more while it runs the last one instead of after
+#: it runs dry. A child that was never full gets more without that (the parent is not
+#: waiting for its outcomes to make room), so it holds on until its queue is empty.
 _LOW_WATER = 2
 #: Weight of the newest run in the per-task-name runtime average (a slower run counts fully).
 _RUNTIME_WEIGHT = 0.25
@@ -244,11 +246,11 @@ class _Channel:
     Jobs arrive as frames holding lists of job tuples; outcomes leave as frames holding
     ``(retiring, [outcome tuples])``. An outcome is held back only while the child goes on
     at once with another queued job of a task type that has been short in this process (no
-    time limits, at most ``_HOLD_COUNT`` outcomes) and at least ``_LOW_WATER`` jobs are
-    queued: a child sends what it holds when its queue is down to its last job (so the
-    parent sends more while it runs that one) or empty, and a job that runs long
-    (``_HOLD_FOR`` seconds after the first held outcome) is interrupted by ``SIGALRM`` to
-    send them.
+    time limits, at most ``_HOLD_COUNT`` outcomes): a child sends what it holds when its
+    queue is empty, or, if the parent had given it as many jobs as it takes (``depth``),
+    when the queue is down to fewer than ``_LOW_WATER`` jobs (so the parent sends more
+    while it runs those); a job that runs long (``_HOLD_FOR`` seconds after the first held
+    outcome) is interrupted by ``SIGALRM`` to send them.
 
     With a ``store`` (:func:`~celeriac.results.open_child_store`), the
     results of the held outcomes are stored in one batch just before they are sent, so the
@@ -257,9 +259,12 @@ class _Channel:
     worker stores them.
     """
 
-    def __init__(self, sock: socket.socket, store: ChildStore | None = None) -> None:
+    def __init__(self, sock: socket.socket, store: ChildStore | None = None,
+                 depth: int = 1) -> None:
         self.sock = sock
         self.store = store
+        self.depth = depth  # jobs the parent gives it at most (finished, unreported included)
+        self.full = False  # it had that many since it last sent outcomes
         self.queue: collections.deque[tuple[Any, ...]] = collections.deque()
         self.held: list[tuple[Any, ...]] = []
         self.replies: list[str | None] = []  # reply_to of each held outcome's job
@@ -284,6 +289,8 @@ class _Channel:
             batches = self._reader.feed(data)
             for batch in batches:
                 self.queue.extend(batch)
+            if len(self.queue) + len(self.held) + self.in_job >= self.depth:
+                self.full = True
             if batches or not block:
                 return True
 
@@ -310,7 +317,8 @@ class _Channel:
         self.replies.append(job.reply_to)
         if not self.queue:
             self.take(block=False)
-        if retiring or len(self.queue) < _LOW_WATER or not self._may_hold(self.queue[0]):
+        if (retiring or not self.queue or (self.full and len(self.queue) < _LOW_WATER)
+                or not self._may_hold(self.queue[0])):
             self.send_held(retiring)
         elif not self.alarm:  # one timer for the whole batch, not one per job
             left = _HOLD_FOR - (time.monotonic() - self.held_since)
@@ -338,6 +346,7 @@ class _Channel:
             signal.setitimer(signal.ITIMER_REAL, 0)
             self.alarm = False
         self.overdue = False
+        self.full = False
         if self.held:
             if store and self.store is not None:
                 self._store_results()
@@ -378,11 +387,11 @@ class _Channel:
 
 def _child_main(app: Celeriac, sock: socket.socket, hostname: str, parent_pid: int,
                 index: int, close_fds: list[int], flags: mmap.mmap, cancels: _CancelBoard,
-                progress: _Progress, limits: PoolLimits) -> None:
+                progress: _Progress, limits: PoolLimits, depth: int) -> None:
     """The body of a pool child: run jobs until the parent closes the socket or a limit
     (tasks or memory per child) says it is time to make way for a fresh process."""
     code = 0
-    channel = _Channel(sock)
+    channel = _Channel(sock, depth=depth)
     try:
         channel.store = app.child_result_store()
         multiprocessing.current_process().name = f"PoolWorker-{index}"
@@ -442,6 +451,8 @@ class _Child:
     #: holds back, in order
     finished: collections.deque[tuple[Job, asyncio.Future[Outcome]]] = field(
         default_factory=collections.deque)
+    #: how many of ``jobs`` there are of each task name (adaptive mode asks if all are short)
+    kinds: dict[str, int] = field(default_factory=dict)
     outbox: list[tuple[Any, ...]] = field(default_factory=list)  # job tuples not yet written
     sent: int = 0
     reported: int = 0  # outcomes received
@@ -456,6 +467,20 @@ class _Child:
     def job(self) -> Job | None:
         """The running job."""
         return self.jobs[0][0] if self.jobs else None
+
+    def add(self, job: Job, future: asyncio.Future[Outcome]) -> None:
+        self.jobs.append((job, future))
+        self.kinds[job.name] = self.kinds.get(job.name, 0) + 1
+
+    def pop_first(self) -> tuple[Job, asyncio.Future[Outcome]]:
+        item = self.jobs.popleft()
+        name = item[0].name
+        left = self.kinds[name] - 1
+        if left:
+            self.kinds[name] = left
+        else:
+            del self.kinds[name]
+        return item
 
 
 class PreforkPool(Pool):
@@ -517,7 +542,7 @@ class PreforkPool(Pool):
         if pid == 0:  # the child
             _child_main(self.app, child_end, self.hostname, os.getppid(), index,
                         [fd for fd in close_fds if fd not in keep], self._flags, self._cancels,
-                        self._progress, self.limits)
+                        self._progress, self.limits, self.depth)
         child_end.close()
         return _Child(index, pid, parent_end)
 
@@ -570,7 +595,8 @@ class PreforkPool(Pool):
             if retiring:
                 child.leaving = True
             for fields in outcomes:
-                _job, future = (child.finished or child.jobs).popleft()
+                _job, future = (child.finished.popleft() if child.finished
+                                else child.pop_first())
                 child.reported += 1
                 self._where.pop(_job.job_id, None)
                 outcome = Outcome(*fields)
@@ -597,7 +623,7 @@ class PreforkPool(Pool):
         unreported = done - child.reported - len(child.finished)
         if unreported > 0 and child.jobs:
             for _ in range(min(unreported, len(child.jobs))):
-                child.finished.append(child.jobs.popleft())
+                child.finished.append(child.pop_first())
             self._new_head(child)
 
     def _new_head(self, child: _Child) -> None:
@@ -647,6 +673,7 @@ class PreforkPool(Pool):
             self._backlog.extendleft(reversed(child.jobs))  # never started: run elsewhere
         child.finished.clear()
         child.jobs.clear()
+        child.kinds.clear()
         for job, future, reason in lost:
             self._where.pop(job.job_id, None)
             if not future.done():
@@ -680,7 +707,7 @@ class PreforkPool(Pool):
     def _queueable(self, child: _Child) -> bool:
         """Adaptive mode: may a busy ``child`` get more (short) jobs behind the ones it has?"""
         return (time.monotonic() - child.head_since < self.head_age
-                and all(self._short(job.name) for job, _ in child.jobs))
+                and all(self._short(name) for name in child.kinds))
 
     def _accepting(self, child: _Child) -> int:
         """How many more jobs ``child`` takes now (adaptive mode: if they are short)."""
@@ -712,7 +739,7 @@ class PreforkPool(Pool):
         return best
 
     def _send_to(self, child: _Child, job: Job, future: asyncio.Future[Outcome]) -> None:
-        child.jobs.append((job, future))
+        child.add(job, future)
         self._where[job.job_id] = child
         child.sent += 1
         if len(child.jobs) == 1:
