@@ -361,3 +361,18 @@ def test_a_child_dying_with_held_outcomes_reports_them_lost_and_runs_nothing_twi
         assert (await after).state == states.SUCCESS  # never started: ran in the new child
 
     run(app, scenario, concurrency=1)
+
+
+def test_a_replacement_child_tells_the_pool_owner_there_is_room(app):
+    """With every child dead nothing else would end and free a slot: the consumer learns
+    from the pool that the replacements have started, and hands them what waits."""
+    async def scenario(pool: PreforkPool) -> None:
+        room = asyncio.Event()
+        pool.on_room = room.set
+        dead = [child.pid for child in pool._children.values()]
+        for pid in dead:
+            os.kill(pid, signal.SIGKILL)
+        await asyncio.wait_for(room.wait(), 10)
+        assert pool.free > 0 and not set(pool.pids) & set(dead)
+
+    run(app, scenario, concurrency=2)

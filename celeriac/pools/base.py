@@ -120,6 +120,9 @@ class Pool(abc.ABC):
         self.fork_guard = fork_guard or ForkGuard()
         self.concurrency = concurrency
         self.hostname = hostname
+        #: Called when the pool has room again other than by a job ending (a process that
+        #: replaces a dead one has started), so the consumer hands it what waits.
+        self.on_room: Callable[[], None] | None = None
 
     @abc.abstractmethod
     async def start(self) -> None:

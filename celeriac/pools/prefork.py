@@ -565,6 +565,8 @@ class PreforkPool(Pool):
         self._loop.add_reader(child.sock.fileno(), self._on_readable, child)
         log.debug("Pool child %d started (pid %d)", index, child.pid)
         self._pump()
+        if self.on_room is not None:
+            self.on_room()
 
     async def _fill(self) -> None:
         await asyncio.gather(*(self._spawn(i) for i in range(1, self.concurrency + 1)

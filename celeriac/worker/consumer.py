@@ -94,6 +94,7 @@ class Consumer:
                  fork_guard: ForkGuard | None = None) -> None:
         self.app = app
         self.pool = pool
+        pool.on_room = self.kick  # a replacement process takes what waits at once
         self.hostname = hostname
         self.queues = list(queues)
         self.declarations: dict[str, dict[str, Any]] = {}
