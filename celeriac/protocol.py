@@ -131,6 +131,8 @@ def saferepr(value: Any, limit: int = _REPR_LIMIT) -> str:
     """A repr that is bounded in size and never raises."""
     if not value and type(value) in (tuple, dict):  # no arguments: the common case, for free
         return "()" if type(value) is tuple else "{}"
+    if value is None or type(value) is bool:  # a task's usual result, also for free
+        return "None" if value is None else "True" if value else "False"
     try:
         text = _REPR.repr(value)
     except Exception:  # a broken __repr__ must not break sending

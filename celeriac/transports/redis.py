@@ -267,6 +267,7 @@ class RedisTransport(Transport):
         self._held: dict[str, dict[str, None]] = {}
         self._holder: dict[str, str] = {}
         self._ack_backlog: list[str] = []
+        self._full: dict[str, bool] = {}  # consumer -> its last fetch filled its limit
         self._janitor_due = time.monotonic() + 60.0
 
     # -- plumbing ---------------------------------------------------------------------------------
@@ -389,29 +390,60 @@ class RedisTransport(Transport):
         queues = list(dict.fromkeys(queues))
         if limit <= 0 or not queues:
             return []
-        keys = [key for queue in queues for key in self.keys.queue(queue).all]
         streams = [key for queue in queues for key in self.keys.queue(queue).streams]
         deadline = time.monotonic() + timeout
-
-        def call() -> Call:
-            return (K.FETCH, keys, [K.GROUP, consumer, limit, repr(self.clock()),
-                                    repr(self.clock() + self.lease_seconds),
-                                    "1" if timeout > 0 else "0"])
-
         try:
             self._janitor(queues)
-            reply = self._fetch_after_backlog(call())
+            reply = self._fetch_after_backlog(self._fetch_call(consumer, queues, limit, timeout))
             while not reply[0] and timeout > 0:
                 seconds = self._pause(deadline, reply[1])
                 if seconds is None:
-                    return []
+                    return self._fetched(consumer, limit, [])
                 reply = self._wait_and_fetch(dict(zip(streams, map(_text, reply[2]), strict=True)),
-                                             seconds, call())
+                                             seconds,
+                                             self._fetch_call(consumer, queues, limit, timeout))
                 if reply is None:
-                    return []
-            return self._deliveries(consumer, queues, reply[0])
+                    return self._fetched(consumer, limit, [])
+            return self._fetched(consumer, limit, self._deliveries(consumer, queues, reply[0]))
         except RedisError as exc:
             raise self._failure(exc, f"fetch from {queues}") from exc
+
+    def _fetch_call(self, consumer: str, queues: Sequence[str], limit: int,
+                    timeout: float) -> Call:
+        keys = [key for queue in queues for key in self.keys.queue(queue).all]
+        now = self.clock()
+        return (K.FETCH, keys, [K.GROUP, consumer, limit, repr(now),
+                                repr(now + self.lease_seconds), "1" if timeout > 0 else "0"])
+
+    def _fetched(self, consumer: str, limit: int, deliveries: list[Delivery]) -> list[Delivery]:
+        """``deliveries``, noting whether they filled the limit (then more probably wait)."""
+        self._full[consumer] = len(deliveries) >= limit
+        return deliveries
+
+    def fetch_ready(self, acks: Sequence[str], consumer: str, queues: Sequence[str],
+                    limit: int) -> list[Delivery] | None:
+        """While fetches come back full, the next one runs at once on the caller's thread
+        without waiting for messages: a loopback round trip costs the worker's event loop
+        less than the hop to the I/O thread and back. It is tried once, on a connection that
+        is open already; None if it cannot be (the I/O thread then acks and fetches, with its
+        retries), and also when the janitor is due (that may take longer)."""
+        if (not self._full.get(consumer) or limit <= 0 or not queues
+                or time.monotonic() >= self._janitor_due):
+            return None
+        queues = list(dict.fromkeys(queues))
+        with self._lock:
+            backlog, self._ack_backlog = self._ack_backlog, []
+        tags = [*backlog, *acks]
+        calls = [*self._settle_calls(K.ACK, tags, [K.GROUP])[0]] if tags else []
+        calls.append(self._fetch_call(consumer, queues, limit, 0.0))
+        replies = self._raw.attempt(_commands(calls))
+        if replies is None or any(isinstance(reply, Exception) for reply in replies):
+            with self._lock:  # (the caller still has ``acks``: they go with its next fetch)
+                self._ack_backlog[:0] = backlog
+            self._full[consumer] = False
+            return None
+        self._settled(tags)
+        return self._fetched(consumer, limit, self._deliveries(consumer, queues, replies[-1][0]))
 
     def ack_then_fetch(self, acks: Sequence[str], consumer: str, queues: Sequence[str],
                        limit: int, timeout: float) -> list[Delivery]:

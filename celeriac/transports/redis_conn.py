@@ -83,6 +83,30 @@ class RawCalls:
             pipe.execute_command(*command)
         return list(pipe.execute(raise_on_error=False))
 
+    def attempt(self, commands: list[tuple[Any, ...]]) -> list[Any] | None:
+        """One try on an idle connection, for a caller that must not wait for a reconnect
+        (an event loop): the replies in order (an error reply as its exception), or None if
+        no connection is idle or this one fails. A failed connection is dropped; its commands
+        may or may not have run."""
+        try:
+            conn = self.idle.pop()
+        except IndexError:
+            return None
+        if getattr(conn, "_sock", None) is None:  # (sending would connect, with retries)
+            self.give_back(conn)
+            return None
+        try:
+            conn.send_packed_command(conn.pack_commands(commands))
+            replies = read_replies(conn, len(commands))
+        except (redis.ConnectionError, redis.TimeoutError):
+            conn.disconnect()
+            return None
+        except BaseException:
+            conn.disconnect()  # interrupted mid-call: its replies must not reach the next
+            raise
+        self.give_back(conn)
+        return replies
+
     def one(self, *command: Any) -> Any:
         """One command's reply; an error reply raises."""
         reply = self.run([command])[0]
