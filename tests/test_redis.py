@@ -7,6 +7,7 @@ it made, so tests share the server with each other and with anything else runnin
 from __future__ import annotations
 
 import json
+import select
 import threading
 import time
 import uuid
@@ -464,45 +465,72 @@ def test_acks_ride_along_with_the_next_fetch(broker: RedisTransport, raw: Any,
     assert raw.xlen(broker.keys.queue("q").streams[0]) == 1  # the first one is gone
 
 
-def test_while_fetches_come_back_full_the_next_one_runs_on_the_callers_thread(
+def _soon(broker: RedisTransport, acks: list[str], consumer: str,
+          limit: int) -> list[Delivery] | None:
+    """What a worker's loop does with fetch_soon: wait until the reply is readable, read it."""
+    pending = broker.fetch_soon(acks, consumer, ["q"], limit)
+    if pending is None:
+        return None
+    readable, _, _ = select.select([pending.fileno()], [], [], 5)
+    assert readable, "no reply within 5 s"
+    return pending.finish()
+
+
+def test_while_fetches_come_back_full_the_next_one_is_sent_for_the_loop_to_read(
         broker: RedisTransport, raw: Any) -> None:
-    """A worker's loop fetches at once while messages keep coming (one round trip, acks
-    included), and leaves a fetch that may have to wait to the I/O thread."""
+    """A worker's loop fetches in one round trip of its own (acks included) while messages
+    keep coming, and leaves a fetch that may have to wait to the I/O thread."""
     for n in range(1, 6):
         broker.publish("q", message(n))
-    assert broker.fetch_ready([], "c1", ["q"], 2) is None  # no fetch yet: it may wait
+    assert broker.fetch_soon([], "c1", ["q"], 2) is None  # no fetch yet: it may wait
     first = broker.fetch("c1", ["q"], 2, 0)
     assert numbers(first) == [1, 2]  # full: more probably wait
-    second = broker.fetch_ready([d.tag for d in first], "c1", ["q"], 2)
+    second = _soon(broker, [d.tag for d in first], "c1", 2)
     assert second is not None and numbers(second) == [3, 4]
     assert raw.xlen(broker.keys.queue("q").streams[0]) == 3  # the first two were acked
-    third = broker.fetch_ready([], "c1", ["q"], 2)
+    third = _soon(broker, [], "c1", 2)
     assert third is not None and numbers(third) == [5]  # not full: the next one waits
-    assert broker.fetch_ready([d.tag for d in [*second, *third]], "c1", ["q"], 2) is None
+    assert broker.fetch_soon([d.tag for d in [*second, *third]], "c1", ["q"], 2) is None
     assert len(_pending(raw, broker, "q")) == 3  # nothing was done: the caller still acks
     broker.ack([d.tag for d in [*second, *third]])
     assert raw.xlen(broker.keys.queue("q").streams[0]) == 0
 
 
-def test_a_fetch_on_the_callers_thread_that_fails_leaves_everything_to_the_io_thread(
+def test_a_fetch_for_the_loop_that_fails_leaves_everything_to_the_io_thread(
         broker: RedisTransport, raw: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     for n in range(1, 5):
         broker.publish("q", message(n))
     first = broker.fetch("c1", ["q"], 2, 0)
     broker._ack_backlog.append(first[0].tag)  # an ack waiting from before
-    monkeypatch.setattr(broker._raw, "idle", [])  # no open connection to try it on
-    assert broker.fetch_ready([first[1].tag], "c1", ["q"], 2) is None
+    monkeypatch.setattr(broker._raw, "idle", [])  # no open connection to send it on
+    assert broker.fetch_soon([first[1].tag], "c1", ["q"], 2) is None
     assert broker._ack_backlog == [first[0].tag]  # kept; the caller keeps its own acks
     killed = broker._raw.take()
     killed.send_command("CLIENT", "ID")
     raw.client_kill_filter(_id=killed.read_response())
     broker._raw.idle.append(killed)  # a connection the server has closed since
     broker._full["c1"] = True
-    assert broker.fetch_ready([first[1].tag], "c1", ["q"], 2) is None
+    assert _soon(broker, [first[1].tag], "c1", 2) is None
     assert broker._ack_backlog == [first[0].tag] and killed not in broker._raw.idle
     rest = broker.ack_then_fetch([first[1].tag], "c1", ["q"], 2, 0)
     assert numbers(rest) == [3, 4] and broker._ack_backlog == []
     assert raw.xlen(broker.keys.queue("q").streams[0]) == 2  # both acks went through
+
+
+def test_an_abandoned_fetch_closes_its_connection_and_its_messages_come_back_after_the_lease(
+        make_broker: Callable[..., RedisTransport], clock: FakeClock) -> None:
+    broker = make_broker(clock)
+    for n in range(1, 5):
+        broker.publish("q", message(n))
+    first = broker.fetch("c1", ["q"], 2, 0)
+    pending = broker.fetch_soon([d.tag for d in first], "c1", ["q"], 2)
+    assert pending is not None
+    conn = pending.conn
+    pending.abandon()  # the loop was cancelled before the reply came
+    assert conn._sock is None and conn not in broker._raw.idle
+    assert broker.fetch("c2", ["q"], 10, 0) == []  # fetched for c1 (or not), held by its lease
+    clock.advance(LEASE + 1)
+    assert sorted(numbers(broker.fetch("c2", ["q"], 10, 0))) in ([1, 2, 3, 4], [3, 4])
 
 
 def test_publish_survives_its_connection_being_killed(broker: RedisTransport,

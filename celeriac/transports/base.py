@@ -27,7 +27,7 @@ from ..protocol import Message
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BulkWriter", "Capabilities", "DeadLetter", "Delivery", "Transport"]
+__all__ = ["BulkWriter", "Capabilities", "DeadLetter", "Delivery", "PendingFetch", "Transport"]
 
 Clock = Callable[[], float]
 
@@ -113,6 +113,24 @@ class BulkWriter:
                 self.transport.publish_copies(*step)
 
 
+class PendingFetch(abc.ABC):
+    """A fetch sent by :meth:`Transport.fetch_soon` whose reply has not been read."""
+
+    @abc.abstractmethod
+    def fileno(self) -> int:
+        """The socket the reply arrives on."""
+
+    @abc.abstractmethod
+    def finish(self) -> list[Delivery] | None:
+        """The deliveries (``[]``: none were visible), once the socket is readable; ``None``
+        if the round trip failed (the acks then go with the caller's next fetch)."""
+
+    @abc.abstractmethod
+    def abandon(self) -> None:
+        """Never read the reply (the caller was cancelled): its connection is closed, and
+        what it fetched comes back when the lease runs out."""
+
+
 class Transport(abc.ABC):
     """A broker connection. Construct through :func:`celeriac.transports.open_transport`."""
 
@@ -166,6 +184,15 @@ class Transport(abc.ABC):
         to an I/O thread): ``acks`` settled and what this process's own buffer holds, or
         ``None`` when that cannot be done so (nothing was done; call ack_then_fetch).
         Transports that push deliveries into a local buffer can."""
+        return None
+
+    def fetch_soon(self, acks: Sequence[str], consumer: str, queues: Sequence[str],
+                   limit: int) -> PendingFetch | None:
+        """:meth:`ack_then_fetch` without waiting for messages, as one broker round trip the
+        caller's event loop waits for instead of the I/O thread: the request is sent now,
+        and :meth:`PendingFetch.finish` reads the reply once :meth:`PendingFetch.fileno` is
+        readable. ``None`` when that cannot be done so (nothing was done; call
+        ack_then_fetch). Transports whose fetch is one request and one reply can."""
         return None
 
     def ack_then_fetch(self, acks: Sequence[str], consumer: str, queues: Sequence[str],

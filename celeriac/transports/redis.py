@@ -40,6 +40,7 @@ from .base import (
     Clock,
     DeadLetter,
     Delivery,
+    PendingFetch,
     Subscription,
     Transport,
 )
@@ -228,6 +229,33 @@ class _StreamedBulk(BulkWriter):
             self.redis._checked(self.calls, self.stream.replies())
         except RedisError as exc:
             raise self.redis._failure(exc, f"publish {self.count} messages") from exc
+
+
+class _PendingFetch(PendingFetch):
+    """A :meth:`RedisTransport.fetch_soon` whose replies are still on their connection."""
+
+    def __init__(self, transport: RedisTransport, conn: Any, count: int, consumer: str,
+                 queues: list[str], limit: int, backlog: list[str], tags: list[str]) -> None:
+        self.transport, self.conn, self.count = transport, conn, count
+        self.consumer, self.queues, self.limit = consumer, queues, limit
+        self.backlog, self.tags = backlog, tags
+
+    def fileno(self) -> int:
+        return int(self.conn._sock.fileno())
+
+    def finish(self) -> list[Delivery] | None:
+        t = self.transport
+        replies = t._raw.read_back(self.conn, self.count)
+        if replies is None or any(isinstance(reply, Exception) for reply in replies):
+            t._not_fetched(self.consumer, self.backlog)
+            return None
+        t._settled(self.tags)
+        return t._fetched(self.consumer, self.limit,
+                          t._deliveries(self.consumer, self.queues, replies[-1][0]))
+
+    def abandon(self) -> None:
+        self.conn.disconnect()
+        self.transport._not_fetched(self.consumer, self.backlog)
 
 
 class RedisTransport(Transport):
@@ -420,13 +448,15 @@ class RedisTransport(Transport):
         self._full[consumer] = len(deliveries) >= limit
         return deliveries
 
-    def fetch_ready(self, acks: Sequence[str], consumer: str, queues: Sequence[str],
-                    limit: int) -> list[Delivery] | None:
-        """While fetches come back full, the next one runs at once on the caller's thread
-        without waiting for messages: a loopback round trip costs the worker's event loop
-        less than the hop to the I/O thread and back. It is tried once, on a connection that
-        is open already; None if it cannot be (the I/O thread then acks and fetches, with its
-        retries), and also when the janitor is due (that may take longer)."""
+    def fetch_soon(self, acks: Sequence[str], consumer: str, queues: Sequence[str],
+                   limit: int) -> _PendingFetch | None:
+        """While fetches come back full, the next one (acks first, no waiting for messages)
+        is sent at once on a connection that is open already, and the worker's event loop
+        reads its reply: a loopback round trip the loop waits for costs less than the hop to
+        the I/O thread and back, and the loop goes on with other work meanwhile. None when
+        the last fetch was not full (this one might have to wait), when the janitor is due
+        (that may take longer) or when the send fails: the I/O thread then acks and fetches,
+        with its retries."""
         if (not self._full.get(consumer) or limit <= 0 or not queues
                 or time.monotonic() >= self._janitor_due):
             return None
@@ -436,14 +466,18 @@ class RedisTransport(Transport):
         tags = [*backlog, *acks]
         calls = [*self._settle_calls(K.ACK, tags, [K.GROUP])[0]] if tags else []
         calls.append(self._fetch_call(consumer, queues, limit, 0.0))
-        replies = self._raw.attempt(_commands(calls))
-        if replies is None or any(isinstance(reply, Exception) for reply in replies):
-            with self._lock:  # (the caller still has ``acks``: they go with its next fetch)
-                self._ack_backlog[:0] = backlog
-            self._full[consumer] = False
+        conn = self._raw.send_only(_commands(calls))
+        if conn is None:
+            self._not_fetched(consumer, backlog)
             return None
-        self._settled(tags)
-        return self._fetched(consumer, limit, self._deliveries(consumer, queues, replies[-1][0]))
+        return _PendingFetch(self, conn, len(calls), consumer, queues, limit, backlog, tags)
+
+    def _not_fetched(self, consumer: str, backlog: list[str]) -> None:
+        """A fetch that went wrong: the acks that were waiting wait on (the caller still has
+        its own), and the next fetch goes through the I/O thread."""
+        with self._lock:
+            self._ack_backlog[:0] = backlog
+        self._full[consumer] = False
 
     def ack_then_fetch(self, acks: Sequence[str], consumer: str, queues: Sequence[str],
                        limit: int, timeout: float) -> list[Delivery]:

@@ -83,11 +83,11 @@ class RawCalls:
             pipe.execute_command(*command)
         return list(pipe.execute(raise_on_error=False))
 
-    def attempt(self, commands: list[tuple[Any, ...]]) -> list[Any] | None:
-        """One try on an idle connection, for a caller that must not wait for a reconnect
-        (an event loop): the replies in order (an error reply as its exception), or None if
-        no connection is idle or this one fails. A failed connection is dropped; its commands
-        may or may not have run."""
+    def send_only(self, commands: list[tuple[Any, ...]]) -> Any | None:
+        """Write ``commands`` on an idle connection and hand it over, its replies unread (see
+        :meth:`read_back`): for a caller that must not wait, so one try, no reconnect. None
+        if no connection is idle or this one fails (it is dropped; the commands may or may
+        not have run)."""
         try:
             conn = self.idle.pop()
         except IndexError:
@@ -97,7 +97,19 @@ class RawCalls:
             return None
         try:
             conn.send_packed_command(conn.pack_commands(commands))
-            replies = read_replies(conn, len(commands))
+        except (redis.ConnectionError, redis.TimeoutError):
+            conn.disconnect()
+            return None
+        except BaseException:
+            conn.disconnect()  # interrupted mid-write: nothing more may go on this connection
+            raise
+        return conn
+
+    def read_back(self, conn: Any, count: int) -> list[Any] | None:
+        """The ``count`` replies :meth:`send_only` left on ``conn`` (an error reply as its
+        exception), the connection then idle again; None if it failed (it is dropped)."""
+        try:
+            replies = read_replies(conn, count)
         except (redis.ConnectionError, redis.TimeoutError):
             conn.disconnect()
             return None

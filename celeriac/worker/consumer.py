@@ -251,8 +251,13 @@ class Consumer:
                 # Early acks of the tasks the last fetch started ride along with this fetch,
                 # so the settle thread stays free for results (a lone task's result never
                 # queues behind its own ack). What the transport can do at once (acks on a
-                # connection of its own, deliveries it holds already) skips the I/O hop.
+                # connection of its own, deliveries it holds already), or in one round trip
+                # this loop waits for, skips the I/O hop.
                 ready = self.transport.fetch_ready(acks, self.consumer_id, self.queues, room)
+                soon = ready is None
+                if soon:
+                    ready = await self._fetch_soon(acks, room)
+                    soon = ready is not None
                 if ready is not None:
                     acks = []
                 if ready:
@@ -278,9 +283,30 @@ class Consumer:
             finally:
                 self._piggyback = None
             # The pool writes the jobs it was just given before the I/O thread takes the GIL
-            # for the next fetch.
-            await asyncio.sleep(0)
+            # for the next fetch (a fetch this loop waits for is sent first: the writes go
+            # while the broker works on it).
+            if not soon:
+                await asyncio.sleep(0)
         self._settle_acks(acks)
+
+    async def _fetch_soon(self, acks: list[str], room: int) -> list[Delivery] | None:
+        """:meth:`Transport.fetch_soon`, its reply awaited on this loop; None if the
+        transport cannot, or the round trip failed (``acks`` then go with the next fetch)."""
+        pending = self.transport.fetch_soon(acks, self.consumer_id, self.queues, room)
+        if pending is None:
+            return None
+        loop = asyncio.get_running_loop()
+        readable: asyncio.Future[None] = loop.create_future()
+        fd = pending.fileno()
+        loop.add_reader(fd, _resolve, readable)
+        try:
+            await readable
+        except BaseException:
+            pending.abandon()
+            raise
+        finally:
+            loop.remove_reader(fd)
+        return pending.finish()
 
     def _settle_acks(self, acks: list[str]) -> None:
         if acks:
