@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from ..exceptions import CeleriacError, ConfigurationError, TransportError
 from .redis_url import RedisParams, redis_params
@@ -95,29 +96,17 @@ class RawCalls:
         if getattr(conn, "_sock", None) is None:  # (sending would connect, with retries)
             self.give_back(conn)
             return None
-        try:
-            conn.send_packed_command(conn.pack_commands(commands))
-        except (redis.ConnectionError, redis.TimeoutError):
-            conn.disconnect()
-            return None
-        except BaseException:
-            conn.disconnect()  # interrupted mid-write: nothing more may go on this connection
-            raise
-        return conn
+        sent = _or_dropped(conn, lambda: conn.send_packed_command(conn.pack_commands(commands)))
+        return None if sent is _DROPPED else conn
 
     def read_back(self, conn: Any, count: int) -> list[Any] | None:
         """The ``count`` replies :meth:`send_only` left on ``conn`` (an error reply as its
         exception), the connection then idle again; None if it failed (it is dropped)."""
-        try:
-            replies = read_replies(conn, count)
-        except (redis.ConnectionError, redis.TimeoutError):
-            conn.disconnect()
+        replies = _or_dropped(conn, lambda: read_replies(conn, count))
+        if replies is _DROPPED:
             return None
-        except BaseException:
-            conn.disconnect()  # interrupted mid-call: its replies must not reach the next
-            raise
         self.give_back(conn)
-        return replies
+        return cast(list[Any], replies)
 
     def one(self, *command: Any) -> Any:
         """One command's reply; an error reply raises."""
@@ -129,6 +118,22 @@ class RawCalls:
     def close(self) -> None:
         while self.idle:
             self.idle.pop().disconnect()
+
+
+_DROPPED = object()
+
+
+def _or_dropped(conn: Any, step: Callable[[], Any]) -> Any:
+    """``step()``, or ``_DROPPED`` if ``conn`` failed in it; on a failure, or any exception
+    (interrupted half-way, nothing more may go on it), ``conn`` is disconnected."""
+    try:
+        return step()
+    except (redis.ConnectionError, redis.TimeoutError):
+        conn.disconnect()
+        return _DROPPED
+    except BaseException:
+        conn.disconnect()
+        raise
 
 
 def read_replies(conn: Any, count: int) -> list[Any]:
