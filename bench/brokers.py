@@ -249,7 +249,7 @@ class Phases:
         self.logs = ctx.top / f"{broker}-{kind.name}-{run_no}"
 
     def place(self, phase: str) -> Place:
-        return Place(self.broker, f"{self.base}.{phase}", self.ctx.redis, self.ctx.rabbit)
+        return Place(self.broker, f"{self.base}.{phase}", self.ctx.redis, self.ctx.rabbit, phase)
 
     def guarded(self, phase: str, action: Callable[[], None]) -> None:
         """Run one phase; a failure becomes a note, and the broker is cleaned up either way."""

@@ -41,6 +41,7 @@ class Place:
     prefix: str  # e.g. "cbench.1a2b3c.celery.2.noop"
     redis: RedisServer
     rabbit: RabbitServer
+    phase: str = ""  # e.g. "noop", "sleep0"
 
     def redis_url(self, results: bool = False, key_prefix: str = "") -> str:
         db = self.redis.results_db if results else self.redis.broker_db
@@ -93,7 +94,8 @@ class NetSystem:
     def environment(self) -> dict[str, str]:
         """BENCH_* variables for the tasks module (here and in the worker)."""
         return {"BENCH_BROKER": self.broker_url(), "BENCH_BACKEND": self.backend_url(),
-                "BENCH_QUEUE": self.place.prefix, "BENCH_MARK_URL": self.place.redis_url()}
+                "BENCH_QUEUE": self.place.prefix, "BENCH_MARK_URL": self.place.redis_url(),
+                "BENCH_PHASE": self.place.phase}
 
     def first_start(self) -> float | None:
         """When the first sleep task started (wall clock; see marks.py), if one said so."""
