@@ -165,37 +165,23 @@ class RawStream:
         self.commands += commands
         if self.broken:
             return
-        try:
-            if self.conn is None:
-                self.conn = self.calls.take()
-            self.conn.send_packed_command(self.conn.pack_commands(commands))
-        except (redis.ConnectionError, redis.TimeoutError):
-            self._drop()
+        conn, self.conn = self.conn or self.calls.take(), None  # (kept only if this works)
+        sent = _or_dropped(conn, lambda: conn.send_packed_command(conn.pack_commands(commands)))
+        if sent is _DROPPED:
             self.broken = True
-        except BaseException:
-            self._drop()  # interrupted mid-write: nothing more may go on this connection
-            raise
+        else:
+            self.conn = conn
 
     def replies(self) -> list[Any]:
         """The replies in order; an error reply is returned as its exception, not raised."""
         conn, self.conn = self.conn, None
         if self.broken or conn is None:
             return self.calls._through_client(self.commands) if self.commands else []
-        try:
-            replies = read_replies(conn, len(self.commands))
-        except (redis.ConnectionError, redis.TimeoutError):
-            conn.disconnect()
+        replies = _or_dropped(conn, lambda: read_replies(conn, len(self.commands)))
+        if replies is _DROPPED:
             return self.calls._through_client(self.commands)
-        except BaseException:
-            conn.disconnect()  # interrupted mid-call: its replies must not reach the next
-            raise
         self.calls.give_back(conn)
-        return replies
-
-    def _drop(self) -> None:
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.disconnect()
+        return cast(list[Any], replies)
 
 
 def connect_with_retry(params: RedisParams, what: str,
