@@ -240,6 +240,8 @@ class Celeriac:
     def _times(self, countdown: float | None, eta: dt.datetime | None,
                expires: float | dt.datetime | None) -> tuple[dt.datetime | None,
                                                              dt.datetime | None]:
+        if countdown is None and expires is None:  # the usual call: no clock needed
+            return eta, None
         now = dt.datetime.fromtimestamp(self.clock(), dt.UTC)
         if countdown is not None:
             eta = now + dt.timedelta(seconds=countdown)

@@ -16,7 +16,7 @@ from celeriac.exceptions import (
     ResultTimeout,
     UnknownSettingError,
 )
-from celeriac.protocol import Message, decode_body, fresh_ids, read_task_headers
+from celeriac.protocol import Message, decode_body, fresh_ids, new_id, read_task_headers
 from celeriac.result import exception_to_meta
 from celeriac.results import make_meta
 
@@ -303,9 +303,10 @@ def test_a_bulk_send_hands_long_runs_to_the_transport_while_it_is_still_building
     assert writer.steps[3:] == [("many", ids[-5:]), ("finish", [])]  # (5 copies: singles)
 
 
-def test_fresh_ids_are_distinct_version_4_uuids():
+@pytest.mark.parametrize("make", ["fresh_ids", "new_id"])
+def test_ids_are_distinct_version_4_uuids(make):
     ids = fresh_ids(batch=8)
-    seen = [next(ids) for _ in range(100)]
+    seen = [next(ids) if make == "fresh_ids" else new_id() for _ in range(100)]
     assert len(set(seen)) == 100
     for text in seen:
         parsed = uuid.UUID(text)

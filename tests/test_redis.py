@@ -652,6 +652,23 @@ def test_urls_and_describe() -> None:
     assert "secret" not in str(info.value)
 
 
+def test_commands_are_packed_as_the_client_packs_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    import redis
+
+    import celeriac.transports.redis_conn as module
+
+    conn = redis.Connection()  # (never connected: packing needs no server)
+    commands = [("XADD", "q", "*", "m", b"\x00{\"a\": \"\xc3\xa9\"}", "p", 0, "t", 10**18),
+                ("ZADD", "d", repr(1.5), "caf\u00e9"), ("EVALSHA", "abc", 1, "k", 2.5)]
+    client_packs = b"".join(conn.pack_commands(commands))
+    assert b"".join(module.packed(conn, commands)) == client_packs
+    assert module.packed(conn, commands[:1]) == [b"".join(conn.pack_commands(commands[:1]))]
+    odd = [("SET", "k", bytearray(b"v"))]  # (hiredis takes no bytearray: the client packs it)
+    assert module.packed(conn, odd) == conn.pack_commands(odd)
+    monkeypatch.setattr(module, "hiredis", None)
+    assert b"".join(module.packed(conn, commands)) == client_packs
+
+
 def test_missing_client_library_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     import celeriac.transports.redis_conn as module
 

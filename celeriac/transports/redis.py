@@ -47,6 +47,7 @@ from .base import (
 from .redis_conn import (
     RawCalls,
     connect_with_retry,
+    packed,
     read_replies,
     redis_params,
     require_redis,
@@ -108,7 +109,7 @@ class _Waiter:
                      *streams, *streams.values()),
                     ("EVALSHA", script.sha, len(keys), *keys, *args)]
         try:
-            conn.send_packed_command(conn.pack_commands(commands))
+            conn.send_packed_command(packed(conn, commands))
             replies = read_replies(conn, len(commands))
         except (redis.ConnectionError, redis.TimeoutError):
             conn.disconnect()
