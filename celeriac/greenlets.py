@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     import asyncio
+    import socket
 
-__all__ = ["is_patched", "new_event_loop", "os_thread", "patch_for_argv", "run_coroutine",
-           "wants_gevent"]
+__all__ = ["is_patched", "native_connection", "native_rlock", "new_event_loop", "os_thread",
+           "patch_for_argv", "run_coroutine", "wants_gevent"]
 
 T = TypeVar("T")
 
@@ -111,6 +112,44 @@ def os_thread(target: Callable[[], object], name: str) -> ThreadLike:
     import threading
 
     return threading.Thread(target=target, name=name, daemon=True)
+
+
+def native_connection(host: str, port: int, timeout: float | None) -> socket.socket:
+    """A connected TCP socket whose calls block the calling thread alone, as
+    ``socket.create_connection`` makes it: under gevent with the standard library's own
+    socket class, for a connection read on an :func:`os_thread` and written from anywhere
+    (gevent's sockets belong to one thread's hub)."""
+    import socket
+
+    if not is_patched():
+        return socket.create_connection((host, port), timeout=timeout)
+    from gevent import monkey
+
+    make = monkey.get_original("socket", "socket")
+    error: OSError | None = None
+    for family, kind, proto, _, address in monkey.get_original("socket", "getaddrinfo")(
+            host, port, 0, socket.SOCK_STREAM):
+        sock = make(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error or OSError(f"no address found for {host}:{port}")
+
+
+def native_rlock() -> Any:
+    """A reentrant lock of the operating system, even under gevent: for a lock that threads
+    of both kinds take and that is never held across a greenlet switch."""
+    if is_patched():
+        from gevent import monkey
+
+        return monkey.get_original("_thread", "RLock")()
+    import threading
+
+    return threading.RLock()
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -262,7 +262,7 @@ class TestRPCBackend(BackendContract):
 
 class TestRPCBackendOnAiormq(TestRPCBackend):
     """The same with the reply queue consumed through aiormq on the I/O thread, as for
-    ``amqps://`` and under gevent."""
+    ``amqps://``."""
 
     @pytest.fixture(autouse=True)
     def _through_aiormq(self, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -971,7 +971,7 @@ def test_without_aiormq_the_error_says_what_to_install(monkeypatch: pytest.Monke
 
 class TestAMQPTransportOnAiormq(TestAMQPTransport):
     """The same contract with deliveries consumed through aiormq on the I/O thread, as for
-    ``amqps://`` and under gevent (our own consuming connection is not used there)."""
+    ``amqps://`` (our own consuming connection is not used there)."""
 
     @pytest.fixture(autouse=True)
     def _through_aiormq(self, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -55,7 +58,69 @@ def waits(seconds, key):
     time.sleep(seconds)
     record('waits', key)
     return key
+
+@app.task
+def consuming_connection():
+    """What this worker's deliveries come on (RabbitMQ)."""
+    return type(app.transport._ensure().link.channels['cons']).__name__
+
+@app.task
+def break_the_connection_once():
+    """Break the worker's broker connection, the first time only (the task may come
+    again: its early ack can be lost with the connection)."""
+    marker = os.path.join(os.path.dirname(__file__), 'broken-once')
+    if not os.path.exists(marker):
+        open(marker, 'w').close()
+        app.transport.drop_connection()
 '''
+
+
+# A patched interpreter of its own (this test process is never patched): fifty greenlets
+# that end together, counting how often they wake the pool's loop.
+WAVE = """
+from gevent import monkey; monkey.patch_all()
+import asyncio, json, time
+from celeriac import Celeriac
+from celeriac.pools.gevent import GeventPool
+from celeriac.protocol import dumps
+from celeriac.worker.execute import Job
+
+app = Celeriac("wave", broker="memory://", backend="memory://", environ={})
+
+@app.task
+def nap():
+    time.sleep(0.05)
+    return 1
+
+async def main():
+    pool = GeventPool(app, concurrency=50, hostname="h")
+    await pool.start()
+    loop = asyncio.get_running_loop()
+    wakes, real = [], loop.call_soon_threadsafe
+    def counted(callback, *args, **kw):
+        wakes.append(callback)
+        return real(callback, *args, **kw)
+    loop.call_soon_threadsafe = counted
+    body, content_type, encoding = dumps([[], {}, {}])
+    outcomes = await asyncio.gather(*[
+        pool.apply(Job(i, f"t{i}", nap.name, body, content_type, encoding, {}))
+        for i in range(1, 51)])
+    print(json.dumps({"states": sorted({o.state for o in outcomes}), "wakes": len(wakes),
+                      "free": pool.free}))
+
+asyncio.run(main())
+"""
+
+
+def test_greenlets_that_end_together_wake_the_loop_once(tmp_path):
+    script = tmp_path / "wave.py"
+    script.write_text(WAVE)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["states"] == ["SUCCESS"] and report["free"] == 50
+    assert 1 <= report["wakes"] <= 5  # (one each: 50)
 
 
 @pytest.fixture(params=["sqlite", "redis", "amqp"])
@@ -111,6 +176,21 @@ def test_terminate_one_of_four_leaves_the_others_to_finish(project, gevent_worke
         victim.get(timeout=20)
     assert [r.get(timeout=20) for r in others] == ["a", "b", "c"]
     assert sorted(row[1] for row in project.ledger("waits")) == ["'a'", "'b'", "'c'"]
+
+
+@pytest.mark.parametrize("project", ["amqp"], indirect=True)
+def test_on_rabbitmq_deliveries_come_on_our_own_connection_also_after_a_reconnect(
+        project, gevent_worker):
+    """Our own consuming connection (blocking reads on a thread of the operating system)
+    serves a gevent worker too: deliveries, acks, and a reconnect."""
+    gevent_worker("-c", "20")
+    app = project.app()
+    assert app.send_task("proj.consuming_connection").get(timeout=20) == "LeanChannel"
+    app.send_task("proj.break_the_connection_once").get(timeout=30)
+    results = [app.send_task("proj.waits", (0.2, str(i))) for i in range(40)]
+    assert [r.get(timeout=30) for r in results] == [str(i) for i in range(40)]
+    assert app.send_task("proj.consuming_connection").get(timeout=20) == "LeanChannel"
+    assert sorted(int(row[1].strip("'")) for row in project.ledger("waits")) == list(range(40))
 
 
 @pytest.mark.parametrize(("argv", "wanted"), [

@@ -48,6 +48,8 @@ class GeventPool(Pool):
         self._running: dict[int, Any] = {}  # job id -> its greenlet
         self._timers: dict[int, list[asyncio.TimerHandle]] = {}
         self._busy = 0
+        self._ended: list[tuple[asyncio.Future[Outcome], Outcome]] = []
+        self._wake_pending = False
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -77,7 +79,18 @@ class GeventPool(Pool):
             outcome = hand_over.attach(execute(self.app, job, self.hostname, store=hand_over))
         finally:
             self._running.pop(job.job_id, None)
-        self._loop.call_soon_threadsafe(self._finish, future, outcome)
+        # Greenlets that end together (a wave of timers) wake the loop once: they share the
+        # loop's thread, so a list and a flag do, where a wake-up each costs a socket write.
+        self._ended.append((future, outcome))
+        if not self._wake_pending:
+            self._wake_pending = True
+            self._loop.call_soon_threadsafe(self._finish_ended)
+
+    def _finish_ended(self) -> None:
+        self._wake_pending = False
+        ended, self._ended = self._ended, []
+        for future, outcome in ended:
+            self._finish(future, outcome)
 
     def _finish(self, future: asyncio.Future[Outcome], outcome: Outcome) -> None:
         for handle in self._timers.pop(outcome.job_id, []):

@@ -25,7 +25,6 @@ import logging
 import os
 import socket
 import struct
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -33,6 +32,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from ..greenlets import ThreadLike, native_connection, native_rlock, os_thread
 from .amqp_header import read_content_header
 from .amqp_io import Settings, describe_error
 
@@ -67,11 +67,14 @@ def expect_method(reader: FrameReader, kind: type) -> Any:
     return value
 
 
-def handshake(settings: Settings, name: str, *, heartbeat: int,
-              confirms: bool) -> tuple[socket.socket, int, int]:
-    """A connected socket with channel 1 open: (socket, frame_max, heartbeat agreed on)."""
-    sock = socket.create_connection((settings.hostname, settings.port),
-                                    timeout=settings.connect_timeout)
+def handshake(settings: Settings, name: str, *, heartbeat: int, confirms: bool,
+              native: bool = False) -> tuple[socket.socket, int, int]:
+    """A connected socket with channel 1 open: (socket, frame_max, heartbeat agreed on);
+    ``native``: one that blocks only its thread, even under gevent (see
+    :func:`~celeriac.greenlets.native_connection`)."""
+    sock = (native_connection(settings.hostname, settings.port, settings.connect_timeout)
+            if native else socket.create_connection((settings.hostname, settings.port),
+                                                    timeout=settings.connect_timeout))
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -176,7 +179,8 @@ class LeanChannel:
         self.closing: asyncio.Future[Any] = loop.create_future()
         self.sock: socket.socket | None = None
         self.heartbeat = 0
-        self._write_lock = threading.RLock()  # close() may come from within a write
+        # (held only around writes of a blocking socket: never across a greenlet switch)
+        self._write_lock = native_rlock()  # close() may come from within a write
         self._wrote = time.monotonic()
         self._consumers: dict[str, Callable[[Delivered], None]] = {}
         self._no_ack: set[str] = set()  # consumer tags whose deliveries need no ack
@@ -184,15 +188,15 @@ class LeanChannel:
         self._unsettled: set[int] = set()
         self._waiting: deque[tuple[tuple[type, ...], Future[Any]]] = deque()
         self._closed = False
-        self._thread: threading.Thread | None = None
+        self._thread: ThreadLike | None = None
 
     # -- life -----------------------------------------------------------------------------
     def connect(self) -> None:
         self.sock, _, self.heartbeat = handshake(
-            self.settings, "consumer", heartbeat=self.settings.heartbeat, confirms=False)
+            self.settings, "consumer", heartbeat=self.settings.heartbeat, confirms=False,
+            native=True)
         self.sock.settimeout(self.heartbeat / 4 if self.heartbeat else None)
-        self._thread = threading.Thread(target=self._run, name="celeriac-amqp-consume",
-                                        daemon=True)
+        self._thread = os_thread(self._run, "celeriac-amqp-consume")
         self._thread.start()
 
     @property

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from ..exceptions import ConfigurationError, TransportError
-from ..greenlets import is_patched, new_event_loop, os_thread
+from ..greenlets import new_event_loop, os_thread
 from ..protocol import Message
 from ..urls import mask_url
 
@@ -533,9 +533,8 @@ class Link:
 
     @property
     def lean_consumer(self) -> bool:
-        """Whether ``cons`` is our own connection: not for TLS, nor under gevent (whose
-        sockets belong to one thread's hub, while acks come from the worker's threads)."""
-        return not self.settings.ssl and not is_patched()
+        """Whether ``cons`` is our own connection: not for TLS."""
+        return not self.settings.ssl
 
     async def _lean_channel(self) -> Any:
         """Our own consuming connection (see :mod:`.amqp_consume`), opened off the loop."""
