@@ -752,9 +752,11 @@ def test_result_key_name_expiry_and_channel(make_backend_: Callable[..., ResultB
     pubsub.close()
 
 
-def test_waiting_does_not_poll(make_backend_: Callable[..., ResultBackend],
-                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_waiting_through_redis_py_does_not_poll(make_backend_: Callable[..., ResultBackend],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """(The waits of a server without RESP3, and of TLS connections.)"""
     waiter, writer = make_backend_(time.time), make_backend_(time.time)
+    waiter._push_waits = False  # type: ignore[attr-defined]
     reads: list[str] = []
     real_get = waiter._client.get  # type: ignore[attr-defined]
     monkeypatch.setattr(waiter._client, "get",  # type: ignore[attr-defined]
@@ -768,6 +770,95 @@ def test_waiting_does_not_poll(make_backend_: Callable[..., ResultBackend],
     thread.join(5.0)
     assert out == [final]
     assert len(reads) == 1
+
+
+# -- waits over RESP3 (celeriac.results.redis_wait) ---------------------------------------------
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
+    """Every command the RESP3 waiters write, in order."""
+    from celeriac.results.redis_wait import PushWaiter
+
+    commands: list[tuple[Any, ...]] = []
+    real = PushWaiter._send
+
+    def send(self: PushWaiter, *given: tuple[Any, ...]) -> None:
+        commands.extend(given)
+        real(self, *given)
+
+    monkeypatch.setattr(PushWaiter, "_send", send)
+    return commands
+
+
+def _waits(sent: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    return [c for c in sent if c[0] in ("SUBSCRIBE", "GET", "UNSUBSCRIBE")]
+
+
+def test_a_resp3_wait_subscribes_and_reads_once_then_only_listens(
+        make_backend_: Callable[..., ResultBackend], sent: list[tuple[Any, ...]]) -> None:
+    waiter, writer = make_backend_(time.time), make_backend_(time.time)
+    key = waiter.keys.result("t1")  # type: ignore[attr-defined]
+    thread, out = in_thread(lambda: waiter.wait("t1", 10.0))
+    eventually(lambda: ("GET", key) in sent)
+    time.sleep(0.5)  # a polling waiter would read again meanwhile
+    writer.store(make_meta("t1", states.STARTED))  # (published: not final, the wait goes on)
+    final = make_meta("t1", states.SUCCESS, result=3)
+    writer.store(final)
+    thread.join(5.0)
+    assert out == [final]
+    assert _waits(sent) == [("SUBSCRIBE", key), ("GET", key), ("UNSUBSCRIBE", key)]
+    assert waiter._push_waits  # type: ignore[attr-defined]
+
+
+def test_a_resp3_waiter_is_reused_past_what_earlier_waits_left_behind(
+        make_backend_: Callable[..., ResultBackend], raw: Any,
+        sent: list[tuple[Any, ...]]) -> None:
+    waiter, writer = make_backend_(time.time), make_backend_(time.time)
+    first = make_meta("t1", states.SUCCESS, result=1)
+    writer.store(first)
+    assert waiter.wait("t1", 5.0) == first  # stored before: read in the same round trip
+    [connection] = waiter._waiters  # type: ignore[attr-defined]
+    # Pushes that nobody read wait on the connection: t1's unsubscription, and a message on
+    # a channel it still listens to (as a result published twice would leave).
+    connection._send(("SUBSCRIBE", "elsewhere"))
+    eventually(lambda: dict(raw.pubsub_numsub("elsewhere"))[b"elsewhere"] == 1)
+    assert raw.publish("elsewhere", json.dumps(make_meta("t2", states.SUCCESS, result="no")))
+    assert waiter.wait("t2", 0.2) is None  # timed out: the connection stays usable
+    second = make_meta("t2", states.SUCCESS, result=2)
+    writer.store(second)
+    assert waiter.wait("t2", 5.0) == second
+    assert waiter._waiters == [connection]  # type: ignore[attr-defined]
+    assert [c[0] for c in _waits(sent)].count("GET") == 3
+
+
+def test_a_killed_resp3_connection_costs_no_result(make_backend_: Callable[..., ResultBackend],
+                                                   raw: Any) -> None:
+    waiter, writer = make_backend_(time.time), make_backend_(time.time)
+    writer.store(make_meta("t1", states.SUCCESS, result=1))
+    assert waiter.wait("t1", 5.0)["result"] == 1  # type: ignore[index]
+    killed = [c["id"] for c in raw.client_list() if c["name"].startswith("celeriac-wait-")]
+    assert killed
+    for client_id in killed:
+        raw.client_kill_filter(_id=client_id)
+    writer.store(make_meta("t2", states.SUCCESS, result=2))
+    assert waiter.wait("t2", 5.0)["result"] == 2  # type: ignore[index]
+    writer.store(make_meta("t3", states.SUCCESS, result=3))
+    assert waiter.wait("t3", 5.0)["result"] == 3  # type: ignore[index]
+
+
+def test_without_resp3_waits_go_through_redis_py(make_backend_: Callable[..., ResultBackend],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import celeriac.results.redis_wait as module
+
+    monkeypatch.setattr(module, "hiredis", None)
+    waiter, writer = make_backend_(time.time), make_backend_(time.time)
+    writer.store(make_meta("t1", states.SUCCESS, result=1))
+    assert waiter.wait("t1", 5.0)["result"] == 1  # type: ignore[index]
+    assert waiter._push_waits is False  # type: ignore[attr-defined]
+    thread, out = in_thread(lambda: waiter.wait("t2", 10.0))
+    time.sleep(0.2)
+    writer.store(make_meta("t2", states.SUCCESS, result=2))
+    thread.join(5.0)
+    assert out[0]["result"] == 2
 
 
 def test_pickle_results_keep_success_final(make_backend_: Callable[..., ResultBackend]) -> None:

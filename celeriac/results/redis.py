@@ -3,7 +3,9 @@
 Storing is one script (``SET ... PX`` + ``PUBLISH`` on a channel named like the key) that
 refuses to replace a live SUCCESS; ``store_many`` pipelines the scripts. A waiter subscribes to
 the task's channel, then reads the key (a result stored before the subscription is there), then
-blocks on the subscription: no polling. Subscriptions are pooled per backend.
+blocks on the subscription: no polling. Over RESP3 the subscription and the read go in one
+round trip (:mod:`.redis_wait`); otherwise through redis-py's pub/sub, the read after the
+subscription is confirmed. Waiting connections are pooled per backend.
 
 The stored document is the meta itself plus one field, ``celeriac_expires_at``: the expiry on
 the backend's clock, which the store script and :meth:`get` honour (a backend on an injected
@@ -29,6 +31,7 @@ from ..transports.redis_conn import (
     require_redis,
 )
 from .base import ResultBackend
+from .redis_wait import NoPushWaits, PushWaiter
 from .redis_writer import result_document
 
 try:
@@ -40,6 +43,11 @@ except ImportError:  # pragma: no cover - exercised only without the extra insta
 __all__ = ["RedisBackend"]
 
 _FIELD = K.RESULT_DEADLINE_FIELD
+_NO_PUSH = object()  # (a RESP3 wait could not be made)
+
+
+def _final(meta: dict[str, Any] | None) -> dict[str, Any] | None:
+    return meta if meta is not None and meta.get("status") in states.READY_STATES else None
 
 
 class _Reconnected:
@@ -67,10 +75,12 @@ class RedisBackend(ResultBackend):
         self._client = self.params.client()
         self._raw = RawCalls(self._client)  # connections of our own for storing results
         self._idle: list[Any] = []
+        self._waiters: list[PushWaiter] = []  # idle RESP3 waiters (see redis_wait)
+        self._push_waits = True  # until the server or the URL says otherwise
         self._lock = threading.Lock()
         # Closes our sockets if we are dropped unclosed (see RedisTransport._fresh_state).
-        self._closer = weakref.finalize(self, close_quietly, self._idle, self._raw,
-                                        self._client)
+        self._closer = weakref.finalize(self, close_quietly, self._idle, self._waiters,
+                                        self._raw, self._client)
 
     def _failure(self, exc: Exception, doing: str) -> ResultBackendError:
         return ResultBackendError(f"Redis result backend {self.params.masked}: could not "
@@ -147,16 +157,23 @@ class RedisBackend(ResultBackend):
         return self._live(raw)
 
     def _ready(self, task_id: str) -> dict[str, Any] | None:
-        meta = self.get(task_id)
-        return meta if meta is not None and meta.get("status") in states.READY_STATES else None
+        return _final(self.get(task_id))
+
+    def _ready_document(self, raw: bytes) -> dict[str, Any] | None:
+        """The meta in ``raw`` if it is live and final, else None."""
+        return _final(self._live(raw))
 
     def wait(self, task_id: str, timeout: float | None) -> dict[str, Any] | None:
         if timeout is not None and timeout <= 0:
             return self._ready(task_id)
-        # Subscribed first, read second (in _wait_on): a task that was just sent, the usual
-        # case, is waited for in two round trips, and one that is done in the same two.
         key = self.keys.result(task_id)
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self._push_waits:
+            meta = self._wait_pushed(key, deadline)
+            if meta is not _NO_PUSH:
+                return meta
+        # Subscribed first, read second (in _wait_on): a task that was just sent, the usual
+        # case, is waited for in two round trips, and one that is done in the same two.
         pubsub = self._checkout()
         reconnected = _Reconnected()
         healthy = False
@@ -171,6 +188,36 @@ class RedisBackend(ResultBackend):
             raise self._failure(exc, f"wait for the result of {task_id}") from exc
         finally:
             self._checkin(pubsub, reconnected, healthy)
+
+    def _wait_pushed(self, key: str, deadline: float | None) -> Any:
+        """:meth:`wait` on a RESP3 connection (see :mod:`.redis_wait`): one round trip to
+        subscribe and read the key. ``_NO_PUSH`` if that cannot be done: the caller waits
+        through redis-py (with its retries) instead, for this wait or, if the server or URL
+        does not allow it, for good."""
+        with self._lock:
+            waiter = self._waiters.pop() if self._waiters else None
+        try:
+            if waiter is None:
+                waiter = PushWaiter(self.params)
+            meta = waiter.wait(key, deadline, self._ready_document)
+        except NoPushWaits:
+            self._push_waits = False
+            return _NO_PUSH
+        except TimeoutError:  # before the key was read: its reply is still to come
+            close_quietly(waiter)
+            return None
+        except OSError:  # the connection failed (ConnectionError is one)
+            close_quietly(waiter)
+            return _NO_PUSH
+        except BaseException:
+            close_quietly(waiter)
+            raise
+        with self._lock:
+            if len(self._waiters) < 8:
+                self._waiters.append(waiter)
+                return meta
+        waiter.close()
+        return meta
 
     def _wait_on(self, pubsub: Any, key: str, task_id: str, deadline: float | None,
                  reconnected: _Reconnected) -> dict[str, Any] | None:
@@ -195,8 +242,8 @@ class RedisBackend(ResultBackend):
                 if found is not None:
                     return found
             elif kind == "message":
-                meta = self._live(msg["data"])
-                if meta is not None and meta.get("status") in states.READY_STATES:
+                meta = self._ready_document(msg["data"])
+                if meta is not None:
                     return meta
 
     def _checkout(self) -> Any:
