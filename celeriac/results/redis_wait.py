@@ -24,6 +24,7 @@ from typing import Any
 
 from ..exceptions import ResultBackendError
 from ..transports.redis_url import RedisParams
+from ..transports.resp import open_socket
 
 try:
     import hiredis
@@ -55,18 +56,7 @@ class PushWaiter:
 
     def _connect(self, kwargs: dict[str, Any], name: str) -> socket.socket:
         timeout = float(kwargs.get("socket_connect_timeout") or 4.0)
-        if "unix_socket_path" in kwargs:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            try:
-                sock.connect(kwargs["unix_socket_path"])
-            except OSError:
-                sock.close()
-                raise
-        else:
-            sock = socket.create_connection((kwargs["host"], kwargs["port"]), timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._sock = sock
+        self._sock = sock = open_socket(self.params)
         setup: list[tuple[Any, ...]] = []
         if kwargs.get("password"):
             user = kwargs.get("username")

@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 from ..exceptions import TransportError
 from .redis_url import RedisParams
 
-__all__ = ["ErrorReply", "RespConnection"]
+__all__ = ["ErrorReply", "RespConnection", "open_socket"]
 
 #: Seconds a reply may take when the URL sets no ``socket_timeout``.
 _DEFAULT_TIMEOUT = 30.0
@@ -39,6 +39,25 @@ def pack(commands: Sequence[Sequence[Any]]) -> bytes:
     return b"".join(out)
 
 
+def open_socket(params: RedisParams) -> socket.socket:
+    """A socket connected to the server of ``params`` (TCP, with no Nagle delay, or a Unix
+    socket; not TLS), within the URL's ``socket_connect_timeout`` (default 4 s)."""
+    kwargs = params.client_kwargs
+    timeout = float(kwargs.get("socket_connect_timeout") or 4.0)
+    if "unix_socket_path" not in kwargs:
+        sock = socket.create_connection((kwargs["host"], kwargs["port"]), timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(kwargs["unix_socket_path"])
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class RespConnection:
     """One connection to the server of ``params`` (TCP or a Unix socket; not TLS), named
     ``name`` followed by the process id."""
@@ -54,18 +73,7 @@ class RespConnection:
 
     def _connect(self) -> BinaryIO:
         kwargs = self.params.client_kwargs
-        connect_timeout = float(kwargs.get("socket_connect_timeout") or 4.0)
-        if "unix_socket_path" in kwargs:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(connect_timeout)
-            try:
-                sock.connect(kwargs["unix_socket_path"])
-            except OSError:
-                sock.close()
-                raise
-        else:
-            sock = socket.create_connection((kwargs["host"], kwargs["port"]), connect_timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = open_socket(self.params)
         sock.settimeout(float(kwargs.get("socket_timeout") or _DEFAULT_TIMEOUT))
         self._sock, self._file = sock, sock.makefile("rb")
         hello: list[tuple[Any, ...]] = []
