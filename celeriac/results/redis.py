@@ -197,20 +197,22 @@ class RedisBackend(ResultBackend):
         with self._lock:
             waiter = self._waiters.pop() if self._waiters else None
         try:
-            if waiter is None:
-                waiter = PushWaiter(self.params)
-            meta = waiter.wait(key, deadline, self._ready_document)
+            waiter = waiter or PushWaiter(self.params)
         except NoPushWaits:
             self._push_waits = False
             return _NO_PUSH
+        except OSError:  # (redis-py says what is wrong, or reconnects)
+            return _NO_PUSH
+        try:
+            meta = waiter.wait(key, deadline, self._ready_document)
         except TimeoutError:  # before the key was read: its reply is still to come
-            close_quietly(waiter)
+            waiter.close()
             return None
         except OSError:  # the connection failed (ConnectionError is one)
-            close_quietly(waiter)
+            waiter.close()
             return _NO_PUSH
         except BaseException:
-            close_quietly(waiter)
+            waiter.close()
             raise
         with self._lock:
             if len(self._waiters) < 8:

@@ -17,7 +17,6 @@ through redis-py as before.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -52,11 +51,12 @@ class PushWaiter:
             raise NoPushWaits("TLS connections wait through redis-py")
         self.params = params
         self._reader = hiredis.Reader()
-        self._sock = self._connect(kwargs, f"{name}-{os.getpid()}")
+        self._sock = open_socket(params)
+        self._set_up(kwargs, f"{name}-{os.getpid()}")
 
-    def _connect(self, kwargs: dict[str, Any], name: str) -> socket.socket:
+    def _set_up(self, kwargs: dict[str, Any], name: str) -> None:
         timeout = float(kwargs.get("socket_connect_timeout") or 4.0)
-        self._sock = sock = open_socket(self.params)
+        sock = self._sock
         setup: list[tuple[Any, ...]] = []
         if kwargs.get("password"):
             user = kwargs.get("username")
@@ -78,7 +78,6 @@ class PushWaiter:
                 raise ResultBackendError(
                     f"Redis result backend {self.params.masked} refused the connection "
                     f"set-up: {self.params.scrub(reply)}")
-        return sock
 
     def wait(self, key: str, deadline: float | None,
              ready: Callable[[bytes], dict[str, Any] | None]) -> dict[str, Any] | None:
