@@ -716,6 +716,32 @@ def test_acl_user_and_password(acl_user: Callable[..., tuple[str, str]], redis_s
     assert password not in str(info.value)
 
 
+@pytest.mark.parametrize("refused", [False, True])
+def test_result_waits_of_an_acl_user(acl_user: Callable[..., tuple[str, str]], prefix: str,
+                                     refused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over RESP3 (AUTH, then HELLO 3); where HELLO is refused (as a server without RESP3
+    does: asked for a protocol it does not have), through redis-py from then on."""
+    import celeriac.results.redis_wait as module
+
+    if refused:
+        monkeypatch.setattr(module, "PROTOCOL", 4)
+    name, password = acl_user()
+    url = f"redis://{name}:{password}@127.0.0.1:6379/1?key_prefix={prefix}"
+    waiter, writer = (open_backend(url, clock=time.time) for _ in range(2))
+    try:
+        for task_id in ("t1", "t2"):
+            thread, out = in_thread(lambda task_id=task_id: waiter.wait(task_id, 10.0))
+            time.sleep(0.1)
+            writer.store(make_meta(task_id, states.SUCCESS, result=task_id))
+            thread.join(5.0)
+            assert out[0]["result"] == task_id
+        assert waiter._push_waits is not refused  # type: ignore[attr-defined]
+        assert len(waiter._waiters) == (0 if refused else 1)  # type: ignore[attr-defined]
+    finally:
+        waiter.close()
+        writer.close()
+
+
 def test_wake_without_permission_for_client_unblock(acl_user: Callable[..., tuple[str, str]],
                                                     prefix: str) -> None:
     name, password = acl_user("-client")

@@ -32,6 +32,9 @@ except ImportError:  # pragma: no cover - the redis extra installs it
 
 __all__ = ["NoPushWaits", "PushWaiter"]
 
+#: The protocol version asked for with ``HELLO``.
+PROTOCOL = 3
+
 #: Longest single read while waiting without a deadline (a dead peer shows up by then).
 _SLICE = 30.0
 
@@ -62,7 +65,7 @@ class PushWaiter:
             user = kwargs.get("username")
             setup.append(("AUTH", user, kwargs["password"]) if user else
                          ("AUTH", kwargs["password"]))
-        setup += [("HELLO", 3), ("SELECT", int(kwargs.get("db") or 0)),
+        setup += [("HELLO", PROTOCOL), ("SELECT", int(kwargs.get("db") or 0)),
                   ("CLIENT", "SETNAME", name)]
         try:
             self._send(*setup)
@@ -74,7 +77,7 @@ class PushWaiter:
             if isinstance(reply, hiredis.ReplyError):
                 sock.close()
                 if command[0] == "HELLO":
-                    raise NoPushWaits(f"the server does not speak RESP3: {reply}")
+                    raise NoPushWaits(f"the server does not speak RESP{PROTOCOL}: {reply}")
                 raise ResultBackendError(
                     f"Redis result backend {self.params.masked} refused the connection "
                     f"set-up: {self.params.scrub(reply)}")
