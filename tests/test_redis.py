@@ -496,6 +496,24 @@ def test_while_fetches_come_back_full_the_next_one_is_sent_for_the_loop_to_read(
     assert raw.xlen(broker.keys.queue("q").streams[0]) == 0
 
 
+def test_a_fetch_for_the_loop_keeps_its_messages_when_the_server_forgot_the_ack_script(
+        broker: RedisTransport, raw: Any) -> None:
+    """The ack and fetch scripts go in one round trip: a refused ack (NOSCRIPT after a
+    restart or SCRIPT FLUSH) must not cost what the fetch leased a lease's wait."""
+    for n in range(1, 6):
+        broker.publish("q", message(n))
+    first = broker.fetch("c1", ["q"], 2, 0)
+    raw.script_flush()
+    raw.script_load(K.FETCH.source)  # the fetch script is known, the ack script is not
+    second = _soon(broker, [d.tag for d in first], "c1", 2)
+    assert second is not None and numbers(second) == [3, 4]
+    assert broker._ack_backlog == [d.tag for d in first]  # the acks wait on
+    assert broker.fetch_soon([], "c1", ["q"], 2) is None  # the next fetch: the I/O thread's
+    third = broker.ack_then_fetch([d.tag for d in second], "c1", ["q"], 2, 0)
+    assert numbers(third) == [5] and broker._ack_backlog == []
+    assert raw.xlen(broker.keys.queue("q").streams[0]) == 1  # four acked: only 5 is left
+
+
 def test_a_fetch_for_the_loop_that_fails_leaves_everything_to_the_io_thread(
         broker: RedisTransport, raw: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     for n in range(1, 5):

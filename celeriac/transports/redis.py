@@ -247,12 +247,19 @@ class _PendingFetch(PendingFetch):
     def finish(self) -> list[Delivery] | None:
         t = self.transport
         replies = t._raw.read_back(self.conn, self.count)
-        if replies is None or any(isinstance(reply, Exception) for reply in replies):
+        if replies is None or isinstance(replies[-1], Exception):  # (nothing fetched)
             t._not_fetched(self.consumer, self.backlog)
             return None
+        deliveries = t._deliveries(self.consumer, self.queues, replies[-1][0])
+        if any(isinstance(reply, Exception) for reply in replies[:-1]):
+            # An ack was refused (a restarted server forgot the script) while the fetch
+            # leased its messages: they are handed out all the same (dropped, they would
+            # wait out their lease), and every ack waits for the next fetch, which goes
+            # to the I/O thread (it loads a forgotten script again).
+            t._not_fetched(self.consumer, self.tags)
+            return deliveries
         t._settled(self.tags)
-        return t._fetched(self.consumer, self.limit,
-                          t._deliveries(self.consumer, self.queues, replies[-1][0]))
+        return t._fetched(self.consumer, self.limit, deliveries)
 
     def abandon(self) -> None:
         self.conn.disconnect()
