@@ -514,6 +514,26 @@ def test_a_fetch_for_the_loop_keeps_its_messages_when_the_server_forgot_the_ack_
     assert raw.xlen(broker.keys.queue("q").streams[0]) == 1  # four acked: only 5 is left
 
 
+def test_a_fetch_keeps_its_messages_when_an_ack_beside_it_is_refused(
+        broker: RedisTransport, raw: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """On the I/O thread's path too: an ack refused (here by a script that always errs)
+    leaves the fetch's messages handed out and the acks waiting for the next call."""
+    for n in range(1, 5):
+        broker.publish("q", message(n))
+    first = broker.fetch("c1", ["q"], 2, 0)
+    refusing = K.Script("refusing", "return redis.error_reply('ERR refused for the test')")
+    raw.script_load(refusing.source)
+    monkeypatch.setattr(K, "ACK", refusing)
+    tags = [d.tag for d in first]
+    second = broker.ack_then_fetch(tags, "c1", ["q"], 2, 0)
+    assert numbers(second) == [3, 4] and broker._ack_backlog == tags
+    assert "refused 2 ack(s)" in caplog.text
+    monkeypatch.undo()
+    broker.ack([d.tag for d in second])  # (the backlog goes first)
+    assert broker._ack_backlog == [] and raw.xlen(broker.keys.queue("q").streams[0]) == 0
+
+
 def test_a_fetch_for_the_loop_that_fails_leaves_everything_to_the_io_thread(
         broker: RedisTransport, raw: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     for n in range(1, 5):

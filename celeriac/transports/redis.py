@@ -501,14 +501,28 @@ class RedisTransport(Transport):
             tags, self._ack_backlog = self._ack_backlog, []
         if not tags:
             return self._eval(*call)
+        calls = [*self._settle_calls(K.ACK, tags, [K.GROUP])[0], call]
         try:
-            replies = self._eval_many([*self._settle_calls(K.ACK, tags, [K.GROUP])[0], call])
-        except (redis.ConnectionError, redis.TimeoutError):
-            with self._lock:  # kept for the next call that reaches the server (see ack)
-                self._ack_backlog[:0] = tags
+            replies = self._raw.run(_commands(calls))
+            fetched = self._checked(calls[-1:], replies[-1:])[0]  # (an error: none leased)
+        except RedisError:
+            self._ack_later(tags)  # for the next call that reaches the server (see ack)
             raise
+        try:
+            self._checked(calls[:-1], replies[:-1])
+        except RedisError as exc:
+            # An ack refused while the fetch leased its messages: they are handed out all
+            # the same (dropped, they would wait out their lease); the acks wait on.
+            self._ack_later(tags)
+            log.warning("Redis broker %s refused %d ack(s) (%s); they will be tried again",
+                        self.params.masked, len(tags), self.params.scrub(exc))
+            return fetched
         self._settled(tags)
-        return replies[-1]
+        return fetched
+
+    def _ack_later(self, tags: list[str]) -> None:
+        with self._lock:
+            self._ack_backlog[:0] = tags
 
     def _deliveries(self, consumer: str, queues: Sequence[str],
                     rows: list[Any]) -> list[Delivery]:
