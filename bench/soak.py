@@ -1,0 +1,198 @@
+"""Soak: many drains on fresh workers, some with a fault on the way; what is lost or late.
+
+Each round sends ``--tasks`` no-op tasks to a queue of its own (``send_many``), starts a
+fresh worker (``-P prefork -c 2``) on it and waits until every task's result is stored in
+Redis. A round fails when that takes longer than ``--deadline`` seconds: well under the
+lease (60 s), so a delivery that has to wait out its lease shows as a failure rather than
+as a slow round. Rounds take turns through the faults of their broker:
+
+- Redis: none; the server forgets its scripts (``SCRIPT FLUSH``) before the worker starts;
+  the same halfway through the drain.
+- RabbitMQ (results on Redis): none; the worker's connections are closed by the broker
+  (``rabbitmqctl close_connection``) halfway through the drain.
+
+Progress goes to stderr, a summary to stdout; the exit status is 1 if any round failed.
+``make soak`` runs it with its defaults (about two minutes here); it is not part of
+``make test``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import redis
+
+TASKS_MODULE = textwrap.dedent("""
+    import os
+    from celeriac import Celeriac
+
+    app = Celeriac("soak", broker=os.environ["SOAK_BROKER"], backend=os.environ["SOAK_BACKEND"],
+                   task_default_queue=os.environ["SOAK_QUEUE"])
+
+    @app.task
+    def noop():
+        return None
+""")
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def rabbit_close_connections_of(pid: int) -> int:
+    """Close the broker connections of process ``pid`` (their names say ``pid <pid>``)."""
+    out = subprocess.run(["rabbitmqctl", "-q", "--no-table-headers", "list_connections",
+                          "pid", "client_properties"], capture_output=True, text=True,
+                         timeout=60).stdout
+    closed = 0
+    for line in out.splitlines():
+        if f"celeriac pid {pid} " in line:
+            subprocess.run(["rabbitmqctl", "-q", "close_connection", line.split()[0],
+                            "soak: closed on purpose"], capture_output=True, timeout=60)
+            closed += 1
+    return closed
+
+
+class Round:
+    def __init__(self, args: argparse.Namespace, broker: str, fault: str, workdir: Path) -> None:
+        self.args, self.broker, self.fault = args, broker, fault
+        self.queue = f"soak-{uuid.uuid4().hex[:10]}"
+        self.results_url = f"{args.redis.rstrip('/')}/{args.redis_db}"
+        self.results = redis.Redis.from_url(self.results_url)  # (the soak's database alone)
+        broker_url = (f"{args.redis.rstrip('/')}/{args.redis_db - 1}?key_prefix={self.queue}:"
+                      if broker == "redis" else f"{args.amqp}?name_prefix={self.queue}.")
+        self.env = dict(os.environ, SOAK_BROKER=broker_url, SOAK_QUEUE=self.queue,
+                        SOAK_BACKEND=f"{self.results_url}?key_prefix={self.queue}:",
+                        PYTHONPATH=os.pathsep.join(
+                            p for p in (os.environ.get("PYTHONPATH"), str(workdir)) if p))
+        self.workdir = workdir
+
+    def stored(self) -> int:
+        return int(self.results.dbsize())  # (the database is the soak's alone)
+
+    def run(self) -> tuple[bool, float, int]:
+        """(passed, seconds, results stored)."""
+        send = subprocess.run(
+            [sys.executable, "-c", "import tasks_soak as t; "
+             f"t.app.send_many([t.noop.s() for _ in range({self.args.tasks})])"],
+            env=self.env, cwd=self.workdir, capture_output=True, text=True, timeout=120)
+        if send.returncode:
+            raise RuntimeError(f"sending failed: {send.stderr.strip()[-500:]}")
+        if self.fault == "script-flush-before":
+            self.results.script_flush()
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celeriac", "-A", "tasks_soak", "worker", "-P", "prefork",
+             "-c", "2", "-l", "warning"], env=self.env, cwd=self.workdir,
+            stdout=subprocess.DEVNULL, stderr=open(self.workdir / f"{self.queue}.log", "w"))
+        started, faulted, done = time.monotonic(), False, 0
+        try:
+            while done < self.args.tasks:
+                if time.monotonic() - started > self.args.deadline:
+                    return False, time.monotonic() - started, done
+                done = self.stored()
+                if not faulted and done >= self.args.tasks // 2:
+                    faulted = True
+                    self.fault_halfway(worker.pid)
+                time.sleep(0.05)
+            return True, time.monotonic() - started, done
+        finally:
+            worker.terminate()
+            worker.wait(60)
+            self.clean()
+
+    def fault_halfway(self, pid: int) -> None:
+        if self.fault == "script-flush-halfway":
+            self.results.script_flush()
+        elif self.fault == "close-connections-halfway":
+            log(f"  closed {rabbit_close_connections_of(pid)} connection(s) of the worker")
+
+    def clean(self) -> None:
+        for db in (self.args.redis_db - 1, self.args.redis_db):
+            redis.Redis.from_url(f"{self.args.redis.rstrip('/')}/{db}").flushdb()
+        if self.broker == "amqp":
+            asyncio.run(self._delete_amqp_names())
+
+    async def _delete_amqp_names(self) -> None:
+        """The round's queues and exchanges (their names start with its prefix)."""
+        import aiormq
+
+        names = {}
+        for what in ("queues", "exchanges"):
+            out = subprocess.run(["rabbitmqctl", "-q", "--no-table-headers", f"list_{what}",
+                                  "name"], capture_output=True, text=True, timeout=60).stdout
+            names[what] = [n for n in out.split() if n.startswith(self.queue)]
+        connection = await aiormq.connect(self.args.amqp)
+        try:
+            channel = await connection.channel()
+            for queue in names["queues"]:
+                await channel.queue_delete(queue)
+            for exchange in names["exchanges"]:
+                await channel.exchange_delete(exchange)
+        finally:
+            await connection.close()
+
+
+FAULTS: dict[str, list[str]] = {
+    "redis": ["none", "script-flush-before", "script-flush-halfway"],
+    "amqp": ["none", "close-connections-halfway"],
+}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=12, help="rounds per broker")
+    parser.add_argument("--tasks", type=int, default=10000, help="tasks per round")
+    parser.add_argument("--deadline", type=float, default=30.0,
+                        help="seconds a round may take (keep it under the 60 s lease)")
+    parser.add_argument("--brokers", default="redis,amqp",
+                        help="comma-separated: redis, amqp")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379",
+                        help="Redis server (results, and the broker in Redis rounds)")
+    parser.add_argument("--redis-db", type=int, default=9,
+                        help="results database; the broker's is the one before it")
+    parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672//")
+    args = parser.parse_args(argv)
+    unknown = set(args.brokers.split(",")) - set(FAULTS)
+    if unknown:
+        parser.error(f"unknown broker(s) {sorted(unknown)}: use redis, amqp or both")
+    for db in (args.redis_db - 1, args.redis_db):
+        if redis.Redis.from_url(f"{args.redis.rstrip('/')}/{db}").dbsize():
+            parser.error(f"Redis database {db} is not empty: the soak empties its two "
+                         "databases after each round, so pick free ones with --redis-db")
+    failures: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="celeriac-soak-") as tmp:
+        workdir = Path(tmp)
+        (workdir / "tasks_soak.py").write_text(TASKS_MODULE)
+        for broker in args.brokers.split(","):
+            for n in range(args.rounds):
+                fault = FAULTS[broker][n % len(FAULTS[broker])]
+                one = Round(args, broker, fault, workdir)
+                passed, seconds, done = one.run()
+                log(f"{broker} round {n + 1}/{args.rounds} ({fault}): {done}/{args.tasks} "
+                    f"results in {seconds:.1f} s{'' if passed else ' -- FAILED'}")
+                if not passed:
+                    tail = (workdir / f"{one.queue}.log").read_text()[-2000:]
+                    failures.append(f"{broker} round {n + 1} ({fault}): {done}/{args.tasks} "
+                                    f"results after {seconds:.1f} s; the worker's log ends:\n"
+                                    f"{textwrap.indent(tail, '    ')}")
+    total = args.rounds * len(args.brokers.split(","))
+    print(f"soak: {total - len(failures)} of {total} rounds passed ({args.tasks} tasks each, "
+          f"deadline {args.deadline:g} s)")
+    for line in failures:
+        print(f"- {line}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
