@@ -6,8 +6,8 @@ Redis. A round fails when that takes longer than ``--deadline`` seconds: well un
 lease (60 s), so a delivery that has to wait out its lease shows as a failure rather than
 as a slow round. Rounds take turns through the faults of their broker:
 
-- Redis: none; the server forgets its scripts (``SCRIPT FLUSH``) before the worker starts;
-  the same halfway through the drain.
+- Redis: none; the server forgets its scripts (``SCRIPT FLUSH``: everyone's, loaded again
+  when next used) before the worker starts; the same halfway through the drain.
 - RabbitMQ (results on Redis): none; the worker's connections are closed by the broker
   (``rabbitmqctl close_connection``) halfway through the drain.
 
@@ -89,10 +89,11 @@ class Round:
             raise RuntimeError(f"sending failed: {send.stderr.strip()[-500:]}")
         if self.fault == "script-flush-before":
             self.results.script_flush()
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "celeriac", "-A", "tasks_soak", "worker", "-P", "prefork",
-             "-c", "2", "-l", "warning"], env=self.env, cwd=self.workdir,
-            stdout=subprocess.DEVNULL, stderr=open(self.workdir / f"{self.queue}.log", "w"))
+        with open(self.workdir / f"{self.queue}.log", "w") as worker_log:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "celeriac", "-A", "tasks_soak", "worker", "-P", "prefork",
+                 "-c", "2", "-l", "warning"], env=self.env, cwd=self.workdir,
+                stdout=subprocess.DEVNULL, stderr=worker_log)
         started, faulted, done = time.monotonic(), False, 0
         try:
             while done < self.args.tasks:
