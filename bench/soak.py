@@ -1,10 +1,11 @@
 """Soak: many drains on fresh workers, some with a fault on the way; what is lost or late.
 
 Each round sends ``--tasks`` no-op tasks to a queue of its own (``send_many``), starts a
-fresh worker (``-P prefork -c 2``) on it and waits until every task's result is stored in
-Redis. A round fails when that takes longer than ``--deadline`` seconds: well under the
-lease (60 s), so a delivery that has to wait out its lease shows as a failure rather than
-as a slow round. Rounds take turns through the faults of their broker:
+fresh worker on it (``-P prefork -c 2``, ``-P threads -c 50`` or ``-P gevent -c 50``, in
+turns) and waits until every task's result is stored in Redis. A round fails when that
+takes longer than ``--deadline`` seconds: well under the lease (60 s), so a delivery that
+has to wait out its lease shows as a failure rather than as a slow round. Rounds take turns
+through the faults of their broker, each pool through all of them:
 
 - Redis: none; the server forgets its scripts (``SCRIPT FLUSH``: everyone's, loaded again
   when next used) before the worker starts; the same halfway through the drain.
@@ -12,7 +13,7 @@ as a slow round. Rounds take turns through the faults of their broker:
   (``rabbitmqctl close_connection``) halfway through the drain.
 
 Progress goes to stderr, a summary to stdout; the exit status is 1 if any round failed.
-``make soak`` runs it with its defaults (about two minutes here); it is not part of
+``make soak`` runs it with its defaults (about a minute and a half here); it is not part of
 ``make test``.
 """
 
@@ -63,8 +64,9 @@ def rabbit_close_connections_of(pid: int) -> int:
 
 
 class Round:
-    def __init__(self, args: argparse.Namespace, broker: str, fault: str, workdir: Path) -> None:
-        self.args, self.broker, self.fault = args, broker, fault
+    def __init__(self, args: argparse.Namespace, broker: str, fault: str, pool: str,
+                 workdir: Path) -> None:
+        self.args, self.broker, self.fault, self.pool = args, broker, fault, pool
         self.queue = f"soak-{uuid.uuid4().hex[:10]}"
         self.results_url = f"{args.redis.rstrip('/')}/{args.redis_db}"
         self.results = redis.Redis.from_url(self.results_url)  # (the soak's database alone)
@@ -91,8 +93,9 @@ class Round:
             self.results.script_flush()
         with open(self.workdir / f"{self.queue}.log", "w") as worker_log:
             worker = subprocess.Popen(
-                [sys.executable, "-m", "celeriac", "-A", "tasks_soak", "worker", "-P", "prefork",
-                 "-c", "2", "-l", "warning"], env=self.env, cwd=self.workdir,
+                [sys.executable, "-m", "celeriac", "-A", "tasks_soak", "worker", "-P", self.pool,
+                 "-c", str(CONCURRENCY[self.pool]), "-l", "warning"], env=self.env,
+                cwd=self.workdir,
                 stdout=subprocess.DEVNULL, stderr=worker_log)
         started, faulted, done = time.monotonic(), False, 0
         try:
@@ -142,6 +145,8 @@ class Round:
             await connection.close()
 
 
+CONCURRENCY = {"prefork": 2, "threads": 50, "gevent": 50}
+
 FAULTS: dict[str, list[str]] = {
     "redis": ["none", "script-flush-before", "script-flush-halfway"],
     "amqp": ["none", "close-connections-halfway"],
@@ -158,6 +163,8 @@ def main(argv: list[str]) -> int:
                         help="seconds a round may take (keep it under the 60 s lease)")
     parser.add_argument("--brokers", default="redis,amqp",
                         help="comma-separated: redis, amqp")
+    parser.add_argument("--pools", default="prefork,threads,gevent",
+                        help="comma-separated; each takes a turn through the faults")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379",
                         help="Redis server (results, and the broker in Redis rounds)")
     parser.add_argument("--redis-db", type=int, default=9,
@@ -167,6 +174,10 @@ def main(argv: list[str]) -> int:
     unknown = set(args.brokers.split(",")) - set(FAULTS)
     if unknown:
         parser.error(f"unknown broker(s) {sorted(unknown)}: use redis, amqp or both")
+    pools = args.pools.split(",")
+    if set(pools) - set(CONCURRENCY):
+        parser.error(f"unknown pool(s) {sorted(set(pools) - set(CONCURRENCY))}: use "
+                     f"{', '.join(CONCURRENCY)}")
     for db in (args.redis_db - 1, args.redis_db):
         if redis.Redis.from_url(f"{args.redis.rstrip('/')}/{db}").dbsize():
             parser.error(f"Redis database {db} is not empty: the soak empties its two "
@@ -177,14 +188,17 @@ def main(argv: list[str]) -> int:
         (workdir / "tasks_soak.py").write_text(TASKS_MODULE)
         for broker in args.brokers.split(","):
             for n in range(args.rounds):
-                fault = FAULTS[broker][n % len(FAULTS[broker])]
-                one = Round(args, broker, fault, workdir)
+                faults = FAULTS[broker]
+                fault = faults[n % len(faults)]
+                pool = pools[n // len(faults) % len(pools)]
+                one = Round(args, broker, fault, pool, workdir)
                 passed, seconds, done = one.run()
-                log(f"{broker} round {n + 1}/{args.rounds} ({fault}): {done}/{args.tasks} "
-                    f"results in {seconds:.1f} s{'' if passed else ' -- FAILED'}")
+                what = f"{broker} round {n + 1}/{args.rounds} (-P {pool}, {fault})"
+                log(f"{what}: {done}/{args.tasks} results in {seconds:.1f} s"
+                    f"{'' if passed else ' -- FAILED'}")
                 if not passed:
                     tail = (workdir / f"{one.queue}.log").read_text()[-2000:]
-                    failures.append(f"{broker} round {n + 1} ({fault}): {done}/{args.tasks} "
+                    failures.append(f"{what}: {done}/{args.tasks} "
                                     f"results after {seconds:.1f} s; the worker's log ends:\n"
                                     f"{textwrap.indent(tail, '    ')}")
     total = args.rounds * len(args.brokers.split(","))
