@@ -174,6 +174,8 @@ def main(argv: list[str]) -> int:
     unknown = set(args.brokers.split(",")) - set(FAULTS)
     if unknown:
         parser.error(f"unknown broker(s) {sorted(unknown)}: use redis, amqp or both")
+    if args.redis_db < 1:
+        parser.error("--redis-db must be 1 or more: the broker's database is the one before")
     pools = args.pools.split(",")
     if set(pools) - set(CONCURRENCY):
         parser.error(f"unknown pool(s) {sorted(set(pools) - set(CONCURRENCY))}: use "

@@ -483,8 +483,7 @@ class RedisTransport(Transport):
     def _not_fetched(self, consumer: str, backlog: list[str]) -> None:
         """A fetch that went wrong: the acks that were waiting wait on (the caller still has
         its own), and the next fetch goes through the I/O thread."""
-        with self._lock:
-            self._ack_backlog[:0] = backlog
+        self._ack_later(backlog)
         self._full[consumer] = False
 
     def ack_then_fetch(self, acks: Sequence[str], consumer: str, queues: Sequence[str],
@@ -521,6 +520,7 @@ class RedisTransport(Transport):
         return fetched
 
     def _ack_later(self, tags: list[str]) -> None:
+        """``tags`` go back to the front of the acks that ride with the next call."""
         with self._lock:
             self._ack_backlog[:0] = tags
 
@@ -635,8 +635,7 @@ class RedisTransport(Transport):
         try:
             self._eval_many(self._settle_calls(K.ACK, tags, [K.GROUP])[0])
         except (redis.ConnectionError, redis.TimeoutError):
-            with self._lock:
-                self._ack_backlog[:0] = tags
+            self._ack_later(tags)
             raise
         self._settled(tags)
 
