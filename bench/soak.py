@@ -11,6 +11,10 @@ through the faults of their broker, each pool through all of them:
   when next used) before the worker starts; the same halfway through the drain.
 - RabbitMQ (results on Redis): none; the worker's connections are closed by the broker
   (``rabbitmqctl close_connection``) halfway through the drain.
+- Both: the worker is killed (SIGKILL) halfway through a drain of ``acks_late`` tasks and a
+  fresh one started; every task must still end with a result (at least once). On Redis
+  these rounds use an 8-second lease, the time the killed worker's messages wait before
+  another worker may take them.
 
 Progress goes to stderr, a summary to stdout; the exit status is 1 if any round failed.
 ``make soak`` runs it with its defaults (about a minute and a half here); it is not part of
@@ -37,10 +41,15 @@ TASKS_MODULE = textwrap.dedent("""
     from celeriac import Celeriac
 
     app = Celeriac("soak", broker=os.environ["SOAK_BROKER"], backend=os.environ["SOAK_BACKEND"],
-                   task_default_queue=os.environ["SOAK_QUEUE"])
+                   task_default_queue=os.environ["SOAK_QUEUE"],
+                   broker_lease_seconds=float(os.environ["SOAK_LEASE"]))
 
     @app.task
     def noop():
+        return None
+
+    @app.task(acks_late=True)
+    def noop_late():
         return None
 """)
 
@@ -72,7 +81,9 @@ class Round:
         self.results = redis.Redis.from_url(self.results_url)  # (the soak's database alone)
         broker_url = (f"{args.redis.rstrip('/')}/{args.redis_db - 1}?key_prefix={self.queue}:"
                       if broker == "redis" else f"{args.amqp}?name_prefix={self.queue}.")
+        self.killing = fault == "kill-worker-halfway"
         self.env = dict(os.environ, SOAK_BROKER=broker_url, SOAK_QUEUE=self.queue,
+                        SOAK_LEASE=str(KILL_LEASE if self.killing else 60.0),
                         SOAK_BACKEND=f"{self.results_url}?key_prefix={self.queue}:",
                         PYTHONPATH=os.pathsep.join(
                             p for p in (os.environ.get("PYTHONPATH"), str(workdir)) if p))
@@ -83,20 +94,16 @@ class Round:
 
     def run(self) -> tuple[bool, float, int]:
         """(passed, seconds, results stored)."""
+        task = "noop_late" if self.killing else "noop"
         send = subprocess.run(
             [sys.executable, "-c", "import tasks_soak as t; "
-             f"t.app.send_many([t.noop.s() for _ in range({self.args.tasks})])"],
+             f"t.app.send_many([t.{task}.s() for _ in range({self.args.tasks})])"],
             env=self.env, cwd=self.workdir, capture_output=True, text=True, timeout=120)
         if send.returncode:
             raise RuntimeError(f"sending failed: {send.stderr.strip()[-500:]}")
         if self.fault == "script-flush-before":
             self.results.script_flush()
-        with open(self.workdir / f"{self.queue}.log", "w") as worker_log:
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "celeriac", "-A", "tasks_soak", "worker", "-P", self.pool,
-                 "-c", str(CONCURRENCY[self.pool]), "-l", "warning"], env=self.env,
-                cwd=self.workdir,
-                stdout=subprocess.DEVNULL, stderr=worker_log)
+        self.worker = self.start_worker()
         started, faulted, done = time.monotonic(), False, 0
         try:
             while done < self.args.tasks:
@@ -105,19 +112,32 @@ class Round:
                 done = self.stored()
                 if not faulted and done >= self.args.tasks // 2:
                     faulted = True
-                    self.fault_halfway(worker.pid)
+                    self.fault_halfway()
                 time.sleep(0.05)
             return True, time.monotonic() - started, done
         finally:
-            worker.terminate()
-            worker.wait(60)
+            self.worker.terminate()
+            self.worker.wait(60)
             self.clean()
 
-    def fault_halfway(self, pid: int) -> None:
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        with open(self.workdir / f"{self.queue}.log", "a") as worker_log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "celeriac", "-A", "tasks_soak", "worker", "-P", self.pool,
+                 "-c", str(CONCURRENCY[self.pool]), "-l", "warning"], env=self.env,
+                cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=worker_log)
+
+    def fault_halfway(self) -> None:
         if self.fault == "script-flush-halfway":
             self.results.script_flush()
         elif self.fault == "close-connections-halfway":
-            log(f"  closed {rabbit_close_connections_of(pid)} connection(s) of the worker")
+            log(f"  closed {rabbit_close_connections_of(self.worker.pid)} connection(s) of "
+                "the worker")
+        elif self.killing:
+            self.worker.kill()  # (its pool children die with it)
+            self.worker.wait(60)
+            log(f"  killed the worker at {self.stored()} results; starting another")
+            self.worker = self.start_worker()
 
     def clean(self) -> None:
         for db in (self.args.redis_db - 1, self.args.redis_db):
@@ -146,10 +166,12 @@ class Round:
 
 
 CONCURRENCY = {"prefork": 2, "threads": 50, "gevent": 50}
+#: The Redis lease (seconds) in rounds that kill the worker: what its messages wait out.
+KILL_LEASE = 8.0
 
 FAULTS: dict[str, list[str]] = {
-    "redis": ["none", "script-flush-before", "script-flush-halfway"],
-    "amqp": ["none", "close-connections-halfway"],
+    "redis": ["none", "script-flush-before", "script-flush-halfway", "kill-worker-halfway"],
+    "amqp": ["none", "close-connections-halfway", "kill-worker-halfway"],
 }
 
 
@@ -165,6 +187,10 @@ def main(argv: list[str]) -> int:
                         help="comma-separated: redis, amqp")
     parser.add_argument("--pools", default="prefork,threads,gevent",
                         help="comma-separated; each takes a turn through the faults")
+    every = sorted({fault for faults in FAULTS.values() for fault in faults})
+    parser.add_argument("--faults", default="",
+                        help="comma-separated faults to take turns through (default: all of "
+                             f"each broker's: {', '.join(every)})")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379",
                         help="Redis server (results, and the broker in Redis rounds)")
     parser.add_argument("--redis-db", type=int, default=9,
@@ -180,6 +206,11 @@ def main(argv: list[str]) -> int:
     if set(pools) - set(CONCURRENCY):
         parser.error(f"unknown pool(s) {sorted(set(pools) - set(CONCURRENCY))}: use "
                      f"{', '.join(CONCURRENCY)}")
+    chosen = [f for f in args.faults.split(",") if f]
+    for broker in args.brokers.split(","):
+        wrong = [f for f in chosen if f not in FAULTS[broker]]
+        if wrong:
+            parser.error(f"fault(s) {wrong} not for {broker}: use {', '.join(FAULTS[broker])}")
     for db in (args.redis_db - 1, args.redis_db):
         if redis.Redis.from_url(f"{args.redis.rstrip('/')}/{db}").dbsize():
             parser.error(f"Redis database {db} is not empty: the soak empties its two "
@@ -190,7 +221,7 @@ def main(argv: list[str]) -> int:
         (workdir / "tasks_soak.py").write_text(TASKS_MODULE)
         for broker in args.brokers.split(","):
             for n in range(args.rounds):
-                faults = FAULTS[broker]
+                faults = chosen or FAULTS[broker]
                 fault = faults[n % len(faults)]
                 pool = pools[n // len(faults) % len(pools)]
                 one = Round(args, broker, fault, pool, workdir)
