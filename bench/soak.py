@@ -8,7 +8,8 @@ has to wait out its lease shows as a failure rather than as a slow round. Rounds
 through the faults of their broker, each pool through all of them:
 
 - Redis: none; the server forgets its scripts (``SCRIPT FLUSH``: everyone's, loaded again
-  when next used) before the worker starts; the same halfway through the drain.
+  when next used) before the worker starts; the same halfway through the drain; the server
+  closes every connection of the worker and its pool children (``CLIENT KILL``) halfway.
 - RabbitMQ (results on Redis): none; the worker's connections are closed by the broker
   (``rabbitmqctl close_connection``) halfway through the drain.
 - Both: the worker is killed (SIGKILL) halfway through a drain of ``acks_late`` tasks and a
@@ -17,7 +18,7 @@ through the faults of their broker, each pool through all of them:
   another worker may take them.
 
 Progress goes to stderr, a summary to stdout; the exit status is 1 if any round failed.
-``make soak`` runs it with its defaults (about a minute and a half here); it is not part of
+``make soak`` runs it with its defaults (about five minutes here); it is not part of
 ``make test``.
 """
 
@@ -70,6 +71,51 @@ def rabbit_close_connections_of(pid: int) -> int:
                             "soak: closed on purpose"], capture_output=True, timeout=60)
             closed += 1
     return closed
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux: /proc/<pid>/task/<tid>/children)."""
+    tree, todo = [], [pid]
+    while todo:
+        one = todo.pop()
+        tree.append(one)
+        for task in Path(f"/proc/{one}/task").glob("*"):
+            try:
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+            except OSError:
+                pass
+    return tree
+
+
+def local_tcp_ports(pids: list[int]) -> set[int]:
+    """The local ports of the TCP sockets these processes hold (IPv4 and IPv6)."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if fields[9] in inodes:
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def redis_kill_connections_of(client: redis.Redis, pid: int) -> int:
+    """Close (``CLIENT KILL``) the Redis connections of process ``pid`` and its children."""
+    ports = local_tcp_ports(process_tree(pid))
+    killed = 0
+    for one in client.client_list():
+        if int(one["addr"].rsplit(":", 1)[1]) in ports:
+            killed += client.client_kill_filter(_id=one["id"])
+    return killed
 
 
 class Round:
@@ -130,9 +176,12 @@ class Round:
     def fault_halfway(self) -> None:
         if self.fault == "script-flush-halfway":
             self.results.script_flush()
-        elif self.fault == "close-connections-halfway":
+        elif self.fault == "close-connections-halfway" and self.broker == "amqp":
             log(f"  closed {rabbit_close_connections_of(self.worker.pid)} connection(s) of "
                 "the worker")
+        elif self.fault == "close-connections-halfway":
+            log(f"  closed {redis_kill_connections_of(self.results, self.worker.pid)} "
+                "connection(s) of the worker")
         elif self.killing:
             self.worker.kill()  # (its pool children die with it)
             self.worker.wait(60)
@@ -170,7 +219,8 @@ CONCURRENCY = {"prefork": 2, "threads": 50, "gevent": 50}
 KILL_LEASE = 8.0
 
 FAULTS: dict[str, list[str]] = {
-    "redis": ["none", "script-flush-before", "script-flush-halfway", "kill-worker-halfway"],
+    "redis": ["none", "script-flush-before", "script-flush-halfway",
+              "close-connections-halfway", "kill-worker-halfway"],
     "amqp": ["none", "close-connections-halfway", "kill-worker-halfway"],
 }
 
@@ -179,7 +229,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=12, help="rounds per broker")
+    parser.add_argument("--rounds", type=int, default=15, help="rounds per broker")
     parser.add_argument("--tasks", type=int, default=10000, help="tasks per round")
     parser.add_argument("--deadline", type=float, default=30.0,
                         help="seconds a round may take (keep it under the 60 s lease)")
