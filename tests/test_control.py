@@ -317,6 +317,75 @@ def test_enable_events_makes_task_events_flow(project, start_worker):
     events.close()
 
 
+class _Events:
+    """The events a test hears on the event channel, gathered as it waits."""
+
+    def __init__(self, app) -> None:
+        from celeriac.events import EVENT_CHANNEL
+
+        self.subscription = app.transport.subscribe(EVENT_CHANNEL)
+        self.seen: list[dict] = []
+
+    def until(self, done, what: str) -> None:
+        def gathered() -> bool:
+            self.seen.extend(json.loads(e) for e in self.subscription.get(0.2))
+            return done()
+
+        wait_for(gathered, 10, what)
+
+    def of_task(self, uuid: str) -> set[str]:
+        return {e["type"] for e in self.seen if e.get("uuid") == uuid}
+
+    def beats(self, hostname: str | None = None) -> list[dict]:
+        return [e for e in self.seen if e["type"] == "worker-heartbeat"
+                and hostname in (None, e["hostname"])]
+
+
+def test_task_events_flag_and_disable_events(project, start_worker):
+    """``-E`` sends task events from the start; after ``disable_events`` a task sends none
+    (checked up to a heartbeat asked for after the task's end: one publisher, in order)."""
+    app = project.app()
+    events = _Events(app)
+    try:
+        start_worker("-c", "1", "-E")
+        first = app.send_task("proj.add", (1, 1))
+        assert first.get(timeout=10) == 2
+        events.until(lambda: {"task-received", "task-started", "task-succeeded"}
+                     <= events.of_task(first.id), "the task events of a -E worker")
+        [reply] = app.control.disable_events(reply=True, timeout=2)
+        assert next(iter(reply.values())) == {"ok": "task events disabled"}
+        second = app.send_task("proj.add", (2, 2))
+        assert second.get(timeout=10) == 4
+        ended = time.time()  # (the task has ended: its result is in)
+        app.control.heartbeat()
+        events.until(lambda: any(b["timestamp"] > ended for b in events.beats()),
+                     "a heartbeat sent after the task's end")
+        assert events.of_task(second.id) == set()
+    finally:
+        events.subscription.close()
+
+
+@pytest.mark.parametrize("project", ["sqlite"], indirect=True)
+def test_heartbeats_come_unasked_unless_turned_off(project, start_worker):
+    """``worker-heartbeat`` every ``worker_heartbeat_interval`` (2 s), and ``worker-online``
+    first; a ``--without-heartbeat`` worker sends neither."""
+    app = project.app()
+    events = _Events(app)
+    try:
+        start_worker("-c", "1", "--without-heartbeat", name="quiet")
+        start_worker("-c", "1", name="beating")
+        names = {next(iter(reply)) for reply in app.control.ping(timeout=2)}
+        [quiet] = [n for n in names if n.startswith("quiet-")]
+        [beating] = [n for n in names if n.startswith("beating-")]
+        events.until(lambda: len(events.beats(beating)) >= 2, "two heartbeats")
+        first, second = events.beats(beating)[:2]
+        assert first["freq"] == 2.0 and second["timestamp"] - first["timestamp"] >= 1.5
+        assert "worker-online" in {e["type"] for e in events.seen if e["hostname"] == beating}
+        assert [e for e in events.seen if e["hostname"] == quiet] == []
+    finally:
+        events.subscription.close()
+
+
 @pytest.mark.parametrize("project", ["sqlite"], indirect=True)
 def test_replies_do_not_accumulate(project, start_worker):
     start_worker("-c", "1")
