@@ -15,7 +15,8 @@ few phases, each on fresh queue names, cleaned up after itself:
   process's first sleep task records it, bench/marks.py) to the last stored result.
 * bulk (celeriac only): N tasks in one ``group(...).apply_async()`` and in one
   ``app.send_many(...)``.
-* raw: N bare publishes with the broker client library alone.
+* raw: N bare publishes with the broker client library alone, then a bare drain of N
+  messages (batched reads and acks, nothing run): the broker's own pace on this machine.
 
 A phase that fails (a transport not there yet, a worker that dies, a stuck drain) is
 recorded as a note and its cells show "failed"; the run goes on. The report is one table per
@@ -40,7 +41,14 @@ from pathlib import Path
 
 from peers import PEERS, SYSTEMS, NetSystem, Place
 from proctree import TreeMemory, tree_cpu_seconds, tree_memory
-from servers import RabbitServer, RedisServer, raw_amqp_rate, raw_redis_rate
+from servers import (
+    RabbitServer,
+    RedisServer,
+    raw_amqp_drain,
+    raw_amqp_rate,
+    raw_redis_drain,
+    raw_redis_rate,
+)
 from systems import WorkerProcess
 
 from bench import BenchError, log, markdown_table, measure_latency, rate, timed
@@ -50,6 +58,8 @@ __all__ = ["main"]
 BROKERS = ("redis", "amqp")
 BROKER_TITLES = {"redis": "Redis", "amqp": "RabbitMQ"}
 RAW = "raw client"
+#: What the raw client's runs measure: bare publishes, and a bare drain (nothing run).
+RAW_COLUMNS = ("enqueue", "drain")
 SLEEP_SECONDS = 0.01
 SLEEP_CONCURRENCY = 100
 
@@ -401,13 +411,15 @@ def run_raw(broker: str, args: argparse.Namespace, ctx: Context, run_no: int) ->
     try:
         if broker == "redis":
             run.enqueue = raw_redis_rate(ctx.redis, key, args.tasks)
+            run.drain = raw_redis_drain(ctx.redis, key, args.tasks)
         else:
             run.enqueue = raw_amqp_rate(ctx.rabbit, key, args.tasks)
+            run.drain = raw_amqp_drain(ctx.rabbit, key, args.tasks)
         log(f"[{BROKER_TITLES[broker]} {RAW} {run_no}/{args.repeat}] publish one at a time: "
-            f"{run.enqueue:,.0f}/s")
+            f"{run.enqueue:,.0f}/s; bare drain: {run.drain:,.0f}/s")
     except Exception as exc:
         run.failed.add("noop")
-        run.notes.append(f"raw publish failed: {type(exc).__name__}: {exc}")
+        run.notes.append(f"raw client failed: {type(exc).__name__}: {exc}")
         log(f"[{BROKER_TITLES[broker]} {RAW}] failed: {exc}")
     finally:
         ctx.clean(key)
@@ -495,7 +507,7 @@ def broker_table(results: list[NetRun], broker: str, names: list[str],
         if name != RAW and broker not in SYSTEMS[name].brokers:
             rows.append([title] + ["n/a"] * len(COLUMNS))
         elif runs:
-            rows.append([title] + [cell(runs, attr, fmt) if name != RAW or attr == "enqueue"
+            rows.append([title] + [cell(runs, attr, fmt) if name != RAW or attr in RAW_COLUMNS
                                    else "-" for attr, _, fmt in COLUMNS])
     return markdown_table(["system", *(heading for _, heading, _ in COLUMNS)], rows)
 
@@ -576,6 +588,12 @@ def targets(results: list[NetRun], broker: str, args: argparse.Namespace) -> lis
                             2.5, False))
     lines.append(Target("idle RSS ÷ Dramatiq's", _ratio(med["rss_mib"], dramatiq_rss), 1,
                         False))
+    bare = median_of(runs_of(results, RAW, broker), "drain")
+    if bare and med["drain"] and fastest_drain is not None:
+        lines.append(f"- for scale, not a target: the bare client drains {_fmt(bare)}/s "
+                     f"(batched reads and acks, nothing run); celeriac's drain is "
+                     f"{med['drain'] / bare:.2f}x of that, and 4x the fastest peer's would "
+                     f"be {4 * fastest_drain[1] / bare:.2f}x")
     return [item.line() if isinstance(item, Target) else item for item in lines]
 
 

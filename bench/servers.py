@@ -12,7 +12,9 @@ What the suite creates it names and cleans up itself, so it never touches anyone
   (auto-delete, exclusive).
 
 Also here: the bare client publishes (redis-py ``XADD``, aiormq confirmed ``basic.publish``)
-that give the broker client's own limit for the enqueue ratio.
+that give the broker client's own limit for the enqueue ratio, and the bare client drains
+(a consumer that reads in batches and acks in batches, running nothing) that show how far
+the broker itself lets a drain go on this machine.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import aiormq
 import redis
 from pamqp.commands import Basic
 
-__all__ = ["RAW_BODY", "RabbitServer", "RedisServer", "raw_amqp_rate", "raw_redis_rate"]
+__all__ = ["RAW_BODY", "RabbitServer", "RedisServer", "raw_amqp_drain", "raw_amqp_rate",
+           "raw_redis_drain", "raw_redis_rate"]
 
 RAW_BODY = b"x" * 600
 """Body of a bare publish: about the size of a celeriac no-op task message on the wire."""
@@ -150,6 +153,86 @@ def raw_redis_rate(server: RedisServer, key: str, count: int) -> float:
             raise RuntimeError(f"raw XADD: {client.xlen(key)} entries after {count} publishes")
         client.unlink(key)
     return count / seconds
+
+
+#: Messages a bare drain reads (Redis: per XREADGROUP; RabbitMQ: the prefetch) and acks at once.
+RAW_BATCH = 100
+
+
+def raw_redis_drain(server: RedisServer, key: str, count: int) -> float:
+    """Messages/s of a bare Streams consumer: ``count`` entries (added beforehand, pipelined)
+    read with ``XREADGROUP COUNT`` in a consumer group, each batch acked (``XACK`` + ``XDEL``,
+    as a queue consumes) in the round trip of the next read; from the first read to the
+    last ack."""
+    with server.client(server.broker_db) as client:
+        pipe = client.pipeline(transaction=False)
+        for n in range(count):
+            pipe.xadd(key, {"m": RAW_BODY})
+            if n % 1000 == 999:
+                pipe.execute()
+        pipe.execute()
+        client.xgroup_create(key, "g", id="0")
+        done, acks = 0, []
+        start = time.perf_counter()
+        while True:
+            pipe = client.pipeline(transaction=False)
+            if acks:
+                pipe.xack(key, "g", *acks)
+                pipe.xdel(key, *acks)
+            pipe.xreadgroup("g", "c", {key: ">"}, count=RAW_BATCH)
+            reply = pipe.execute()[-1]
+            acks = [entry_id for _, entries in reply for entry_id, _ in entries]
+            done += len(acks)
+            if not acks:
+                break
+        seconds = time.perf_counter() - start
+        if done != count or client.xlen(key):
+            raise RuntimeError(f"raw drain: read {done} of {count}, {client.xlen(key)} left")
+        client.unlink(key)
+    return count / seconds
+
+
+def raw_amqp_drain(server: RabbitServer, queue: str, count: int) -> float:
+    """Messages/s of a bare aiormq consumer: ``count`` persistent messages (published
+    beforehand, confirmed) consumed from a durable queue with a prefetch of ``RAW_BATCH``,
+    acked ``multiple`` every half of that; from the first delivery to the last."""
+    return asyncio.run(_raw_amqp_drain(server.url, queue, count))
+
+
+async def _raw_amqp_drain(url: str, queue: str, count: int) -> float:
+    connection = await aiormq.connect(url)
+    try:
+        channel = await connection.channel()
+        await channel.queue_declare(queue, durable=True)
+        props = Basic.Properties(delivery_mode=2, content_type="application/json")
+        for start in range(0, count, 1000):
+            await asyncio.gather(*(channel.basic_publish(RAW_BODY, routing_key=queue,
+                                                         properties=props)
+                                   for _ in range(min(1000, count - start))))
+        await channel.basic_qos(prefetch_count=RAW_BATCH)
+        loop = asyncio.get_running_loop()
+        finished: asyncio.Future[float] = loop.create_future()
+        first: list[float] = []  # (when the first delivery came)
+        got = 0
+
+        async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+            nonlocal got
+            if not first:
+                first.append(time.perf_counter())
+            got += 1
+            if got % (RAW_BATCH // 2) == 0 or got == count:
+                await channel.basic_ack(message.delivery.delivery_tag, multiple=True)
+            if got == count and not finished.done():
+                finished.set_result(time.perf_counter())
+
+        await channel.basic_consume(queue, on_message)
+        ended = await asyncio.wait_for(finished, 600)
+        left = await channel.queue_delete(queue)
+    finally:
+        await connection.close()
+    if left.message_count:
+        raise RuntimeError(f"raw drain: {left.message_count} of {count} messages left")
+    return count / (ended - first[0])
 
 
 def raw_amqp_rate(server: RabbitServer, queue: str, count: int) -> float:
