@@ -45,9 +45,21 @@ def _prefix(url: str) -> str:
     return redis_params(url).key_prefix
 
 
-def test_commands_are_packed_as_arrays_of_bulk_strings() -> None:
-    assert pack([("SET", "k", b"a\r\nb", 5), ("PING",)]) == (
-        b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$4\r\na\r\nb\r\n$1\r\n5\r\n*1\r\n$4\r\nPING\r\n")
+def test_commands_are_packed_as_arrays_of_bulk_strings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """By hiredis where it is installed, by our own code otherwise (or for an argument
+    hiredis does not take): the same bytes, numbers written as ``str`` writes them."""
+    import celeriac.transports.resp as module
+
+    commands = [("SET", "k", b"a\r\nb", 5), ("PING",)]
+    wire = b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$4\r\na\r\nb\r\n$1\r\n5\r\n*1\r\n$4\r\nPING\r\n"
+    assert module.hiredis is not None  # (the redis extra installs it)
+    assert pack(commands) == wire
+    store = [["EVALSHA", "f" * 40, 1, "k\u00e9", b"{}", 86400, repr(1795356042.8523858), 2.5]]
+    by_hiredis = pack(store)
+    assert pack([("SET", "k", bytearray(b"v"))]) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n"
+    monkeypatch.setattr(module, "hiredis", None)
+    assert pack(commands) == wire
+    assert pack(store) == by_hiredis
 
 
 def test_every_kind_of_reply_comes_back_in_order(conn: RespConnection, url: str) -> None:

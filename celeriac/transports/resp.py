@@ -18,6 +18,11 @@ from typing import Any, BinaryIO
 from ..exceptions import TransportError
 from .redis_url import RedisParams
 
+try:
+    import hiredis
+except ImportError:  # pragma: no cover - the redis extra installs it
+    hiredis = None  # type: ignore[assignment]
+
 __all__ = ["ErrorReply", "RespConnection", "open_socket"]
 
 #: Seconds a reply may take when the URL sets no ``socket_timeout``.
@@ -29,12 +34,20 @@ class ErrorReply(str):
 
 
 def pack(commands: Sequence[Sequence[Any]]) -> bytes:
-    """Commands in RESP, ready to write in one go."""
+    """Commands in RESP, ready to write in one go: by hiredis where it is installed (a
+    command in one C call, a fifth of the time; it formats numbers as ``str`` does), or
+    argument by argument here."""
+    if hiredis is not None:
+        try:
+            return b"".join([hiredis.pack_command(tuple(command)) for command in commands])
+        except TypeError:  # (an argument it does not take: packed below, as ``str`` says)
+            pass
     out = []
     for command in commands:
         out.append(b"*%d\r\n" % len(command))
         for arg in command:
-            data = arg if isinstance(arg, bytes) else str(arg).encode("utf-8")
+            data = (bytes(arg) if isinstance(arg, (bytes, bytearray, memoryview))
+                    else str(arg).encode("utf-8"))
             out.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(out)
 
