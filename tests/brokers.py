@@ -44,11 +44,13 @@ class BrokerProject(Project):
 def project_on(request: pytest.FixtureRequest, base: Project, prefix: str) -> Iterator[Project]:
     """For a fixture parametrized over "sqlite", "redis" and "amqp": ``base`` itself, or the
     same directory on Redis / RabbitMQ under ``prefix``; closes its apps and removes the
-    broker's keys or queues afterwards."""
-    if request.param == "sqlite":
+    broker's keys or queues afterwards. A fixture that is not parametrized (or a test that
+    does not parametrize it indirectly) gets "sqlite"."""
+    broker = getattr(request, "param", "sqlite")
+    if broker == "sqlite":
         yield base
         base.close()
-    elif request.param == "redis":
+    elif broker == "redis":
         server = request.getfixturevalue("redis_server")
         on_redis = redis_project(base.path, server, prefix)
         yield on_redis
@@ -93,9 +95,18 @@ def sweep_amqp(server: str, prefix: str) -> None:
     import aiormq
 
     found: dict[str, list[str]] = {}
-    for what in ("list_queues", "list_exchanges"):
-        out = subprocess.run(["rabbitmqctl", "-q", what, "name", "--no-table-headers"],
-                             capture_output=True, text=True, timeout=60).stdout
+    # Both listings at once: each rabbitmqctl call starts an Erlang VM (about a second).
+    listings = {what: subprocess.Popen(["rabbitmqctl", "-q", what, "name",
+                                        "--no-table-headers"],
+                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                       text=True)
+                for what in ("list_queues", "list_exchanges")}
+    for what, listing in listings.items():
+        try:
+            out, _ = listing.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            listing.kill()
+            out, _ = listing.communicate()
         found[what] = [name for name in out.split() if name.startswith(prefix)]
 
     async def delete() -> None:
