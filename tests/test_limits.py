@@ -1,18 +1,26 @@
 """Pools and limits (issue 5): time limits, terminate, rate limits, recycling, autoscale,
-pool resizing and restarts, per-child log files — on real worker processes."""
+pool resizing and restarts, per-child log files — on real worker processes. The tests marked
+``on_every_broker`` run on SQLite, Redis and RabbitMQ (issue 3), the others on SQLite."""
 
 from __future__ import annotations
 
 import os
 import signal
 import time
+import uuid
 
 import pytest
 
 from celeriac import states
 from celeriac.exceptions import SoftTimeLimitExceeded, TaskRevokedError, TimeLimitExceeded
 
-from .conftest import wait_for
+from .brokers import project_on
+from .conftest import make_project, wait_for
+
+#: A test marked with this runs once on each broker, with real worker processes; the
+#: others run on SQLite only.
+on_every_broker = pytest.mark.parametrize("project", ["sqlite", "redis", "amqp"],
+                                          indirect=True)
 
 LIMITS = '''
 import os, time
@@ -56,6 +64,13 @@ def hog(kib):
 
 
 @pytest.fixture
+def project(request, tmp_path):
+    """Overrides the conftest ``project`` (``start_worker`` uses it): SQLite, or Redis /
+    RabbitMQ under a prefix of this test's own for tests marked ``on_every_broker``."""
+    yield from project_on(request, make_project(tmp_path), f"lim-{uuid.uuid4().hex[:10]}.")
+
+
+@pytest.fixture
 def limits(project):
     (project.path / "limits.py").write_text(LIMITS)
     return project
@@ -66,6 +81,7 @@ def stats_of(app):
     return next(iter(replies.values()))
 
 
+@on_every_broker
 def test_soft_time_limit_is_catchable(limits, start_worker):
     start_worker("-c", "1", "-I", "limits")
     result = limits.app().send_task("limits.careful")
@@ -73,6 +89,7 @@ def test_soft_time_limit_is_catchable(limits, start_worker):
     assert [row[1] for row in limits.ledger("careful")] == ["'cleaned'"]
 
 
+@on_every_broker
 def test_soft_limit_from_apply_async_uncaught_is_a_failure(limits, start_worker):
     start_worker("-c", "1", "-I", "limits")
     result = limits.app().send_task("limits.stuck", (5,), soft_time_limit=0.3)
@@ -80,6 +97,7 @@ def test_soft_limit_from_apply_async_uncaught_is_a_failure(limits, start_worker)
         result.get(timeout=20)
 
 
+@on_every_broker
 def test_hard_limit_kills_a_stuck_task_and_the_pool_refills(limits, start_worker):
     start_worker("-c", "2", "-I", "limits", "--time-limit", "1")
     app = limits.app()
@@ -94,22 +112,25 @@ def test_hard_limit_kills_a_stuck_task_and_the_pool_refills(limits, start_worker
     assert stats_of(app)["pool"]["timeouts"] == [None, 1.0]
 
 
+@on_every_broker
 def test_time_limit_command_affects_only_later_tasks(limits, start_worker):
     start_worker("-c", "2", "-I", "limits")
     app = limits.app()
     before = app.send_task("limits.stuck", (2,))
     wait_for(lambda: any((app.control.inspect(timeout=1, limit=1).active() or {}).values()),
              10, "the first task to start")
-    replies = app.control.time_limit("limits.stuck", soft=None, hard=1, reply=True, timeout=2)
+    replies = app.control.time_limit("limits.stuck", soft=None, hard=1, reply=True, timeout=2,
+                                     limit=1)
     assert list(replies[0].values()) == [{"ok": "time limits set successfully"}]
     after = app.send_task("limits.stuck", (5,))
     assert before.get(timeout=20) == "woke"
     with pytest.raises(TimeLimitExceeded):
         after.get(timeout=20)
-    [unknown] = app.control.time_limit("limits.nope", hard=1, reply=True, timeout=2)
+    [unknown] = app.control.time_limit("limits.nope", hard=1, reply=True, timeout=2, limit=1)
     assert "error" in next(iter(unknown.values()))
 
 
+@on_every_broker
 def test_terminate_one_of_four_running_tasks(limits, start_worker):
     start_worker("-c", "4", "-I", "limits")
     app = limits.app()
@@ -117,13 +138,15 @@ def test_terminate_one_of_four_running_tasks(limits, start_worker):
     inspector = app.control.inspect(timeout=2, limit=1)
     wait_for(lambda: len(next(iter((inspector.active() or {"": []}).values()))) == 4, 20,
              "four running tasks")
-    replies = app.control.terminate(results[1].id, signal="SIGTERM", reply=True, timeout=2)
+    replies = app.control.terminate(results[1].id, signal="SIGTERM", reply=True, timeout=2,
+                                    limit=1)
     assert "terminate" in next(iter(replies[0].values()))["ok"]
     with pytest.raises(TaskRevokedError):
         results[1].get(timeout=20)
     assert [r.get(timeout=20) for r in (results[0], results[2], results[3])] == ["woke"] * 3
 
 
+@on_every_broker
 def test_rate_limit_holds_one_type_and_not_the_others(limits, start_worker):
     start_worker("-c", "2", "-I", "limits")
     app = limits.app()
@@ -137,20 +160,22 @@ def test_rate_limit_holds_one_type_and_not_the_others(limits, start_worker):
     assert len(limits.ledger("limited")) == 20  # none lost, none run twice
 
 
+@on_every_broker
 def test_rate_limit_command_and_disabling(limits, start_worker):
     start_worker("-c", "2", "-I", "limits")
     app = limits.app()
-    [reply] = app.control.rate_limit("limits.free", "1/s", reply=True, timeout=2)
+    [reply] = app.control.rate_limit("limits.free", "1/s", reply=True, timeout=2, limit=1)
     assert next(iter(reply.values())) == {"ok": "new rate limit set successfully"}
     started = time.monotonic()
     assert [app.send_task("limits.free", (i,)).get(timeout=20) for i in range(3)] == [0, 1, 2]
     assert time.monotonic() - started >= 1.8
-    [bad] = app.control.rate_limit("limits.free", "fast", reply=True, timeout=2)
+    [bad] = app.control.rate_limit("limits.free", "fast", reply=True, timeout=2, limit=1)
     assert "Bad rate limit" in next(iter(bad.values()))["error"]
-    [unknown] = app.control.rate_limit("limits.missing", "1/s", reply=True, timeout=2)
+    [unknown] = app.control.rate_limit("limits.missing", "1/s", reply=True, timeout=2, limit=1)
     assert next(iter(unknown.values())) == {"error": "unknown task 'limits.missing'"}
 
 
+@on_every_broker
 def test_disable_rate_limits_setting(limits, start_worker):
     (limits.path / "norate.py").write_text(
         "from limits import *\napp.conf.CELERY_DISABLE_RATE_LIMITS = True\n")
@@ -162,6 +187,7 @@ def test_disable_rate_limits_setting(limits, start_worker):
     assert time.monotonic() - started < 3
 
 
+@on_every_broker
 def test_max_tasks_per_child_recycles_within_concurrency(limits, start_worker):
     start_worker("-c", "2", "-I", "limits", "--max-tasks-per-child", "5")
     app = limits.app()
@@ -176,6 +202,7 @@ def test_max_tasks_per_child_recycles_within_concurrency(limits, start_worker):
     assert stats_of(app)["pool"]["max-tasks-per-child"] == 5
 
 
+@on_every_broker
 def test_max_memory_per_child_recycles(limits, start_worker):
     start_worker("-c", "1", "-I", "limits", "--max-memory-per-child", "100000")
     app = limits.app()
@@ -184,22 +211,24 @@ def test_max_memory_per_child_recycles(limits, start_worker):
     assert first != second
 
 
+@on_every_broker
 def test_pool_grow_and_shrink_show_in_stats(limits, start_worker):
     start_worker("-c", "2", "-I", "limits")
     app = limits.app()
-    [grown] = app.control.pool_grow(2, reply=True, timeout=2)
+    [grown] = app.control.pool_grow(2, reply=True, timeout=2, limit=1)
     assert next(iter(grown.values())) == {"ok": "pool will grow to 4"}
     wait_for(lambda: len(stats_of(app)["pool"]["processes"]) == 4, 10, "four processes")
     assert stats_of(app)["pool"]["max-concurrency"] == 4
     assert stats_of(app)["prefetch_count"] == 16
-    app.control.pool_shrink(3, reply=True, timeout=2)
+    app.control.pool_shrink(3, reply=True, timeout=2, limit=1)
     wait_for(lambda: len(stats_of(app)["pool"]["processes"]) == 1, 10, "one process")
     assert stats_of(app)["pool"]["max-concurrency"] == 1
-    [refused] = app.control.pool_shrink(1, reply=True, timeout=2)
+    [refused] = app.control.pool_shrink(1, reply=True, timeout=2, limit=1)
     assert "error" in next(iter(refused.values()))
     assert app.send_task("proj.add", (1, 1)).get(timeout=20) == 2
 
 
+@on_every_broker
 def test_autoscale_grows_under_a_burst_and_shrinks_when_idle(limits, start_worker):
     (limits.path / "fastscale.py").write_text(
         "from limits import *\napp.conf.worker_autoscale_keepalive = 1\n")
@@ -210,14 +239,15 @@ def test_autoscale_grows_under_a_burst_and_shrinks_when_idle(limits, start_worke
     wait_for(lambda: len(stats_of(app)["pool"]["processes"]) == 4, 15, "growth to 4")
     assert [r.get(timeout=30) for r in burst] == ["woke"] * 4
     wait_for(lambda: len(stats_of(app)["pool"]["processes"]) == 1, 30, "shrinking to 1")
-    [refused] = app.control.pool_grow(1, reply=True, timeout=2)
+    [refused] = app.control.pool_grow(1, reply=True, timeout=2, limit=1)
     assert "autoscale is on" in next(iter(refused.values()))["error"]
-    [changed] = app.control.autoscale(6, 2, reply=True, timeout=2)
+    [changed] = app.control.autoscale(6, 2, reply=True, timeout=2, limit=1)
     assert next(iter(changed.values())) == {"ok": "autoscale now max=6 min=2"}
     wait_for(lambda: len(stats_of(app)["pool"]["processes"]) == 2, 10, "the new minimum")
     assert stats_of(app)["pool"]["autoscaler"]["max"] == 6
 
 
+@on_every_broker
 def test_pool_restart_picks_up_a_changed_module(limits, start_worker):
     (limits.path / "version.py").write_text(
         "from proj import app\n\n@app.task\ndef version():\n    return 1\n")
@@ -229,7 +259,7 @@ def test_pool_restart_picks_up_a_changed_module(limits, start_worker):
     (limits.path / "version.py").write_text(
         "from proj import app\n\n@app.task\ndef version():\n    return 2\n")
     [reply] = app.control.pool_restart(modules=["version"], reload=True, reply=True,
-                                       timeout=5)
+                                       timeout=5, limit=1)
     assert "reload started" in next(iter(reply.values()))["ok"]
     wait_for(lambda: app.send_task("version.version").get(timeout=20) == 2, 20,
              "the new code")
@@ -237,7 +267,7 @@ def test_pool_restart_picks_up_a_changed_module(limits, start_worker):
 
 def test_pool_restart_is_refused_unless_enabled(limits, start_worker):
     start_worker("-c", "1", "-I", "limits")
-    [reply] = limits.app().control.pool_restart(reply=True, timeout=2)
+    [reply] = limits.app().control.pool_restart(reply=True, timeout=2, limit=1)
     assert "worker_pool_restarts" in next(iter(reply.values()))["error"]
 
 
@@ -254,6 +284,7 @@ def test_per_child_log_files(limits, start_worker):
     assert "ready." in (limits.path / "worker1-0.log").read_text()
 
 
+@on_every_broker
 @pytest.mark.parametrize("pool", ["threads"])
 def test_thread_pool_soft_and_hard_limits(limits, start_worker, pool):
     start_worker("-P", pool, "-c", "2", "-I", "limits")
@@ -265,18 +296,19 @@ def test_thread_pool_soft_and_hard_limits(limits, start_worker, pool):
     assert [app.send_task("proj.add", (i, i)).get(timeout=20) for i in range(3)] == [0, 2, 4]
 
 
+@on_every_broker
 def test_cold_terminate_signal_names(limits, start_worker):
     worker = start_worker("-c", "1", "-I", "limits")
     app = limits.app()
     result = app.send_task("limits.stuck", (30,))
     wait_for(lambda: any((app.control.inspect(timeout=1, limit=1).active() or {}).values()),
              10, "the task to start")
-    [reply] = app.control.terminate(result.id, signal="KILL", reply=True, timeout=2)
+    [reply] = app.control.terminate(result.id, signal="KILL", reply=True, timeout=2, limit=1)
     assert "terminate" in next(iter(reply.values()))["ok"]
     with pytest.raises(TaskRevokedError):
         result.get(timeout=20)
     assert result.state == states.REVOKED
-    [bad] = app.control.terminate("x", signal="SIGNOPE", reply=True, timeout=2)
+    [bad] = app.control.terminate("x", signal="SIGNOPE", reply=True, timeout=2, limit=1)
     assert "unknown signal" in next(iter(bad.values()))["error"]
     worker.signal(signal.SIGTERM)
     assert worker.wait() == 0
