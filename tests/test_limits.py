@@ -148,7 +148,10 @@ def test_terminate_one_of_four_running_tasks(limits, start_worker):
 
 @on_every_broker
 def test_rate_limit_holds_one_type_and_not_the_others(limits, start_worker):
-    start_worker("-c", "2", "-I", "limits")
+    """Messages waiting for a token stay leased (renewed) however long they wait."""
+    (limits.path / "shortlease.py").write_text(
+        "from limits import *\napp.conf.broker_lease_seconds = 2\n")
+    start_worker("-c", "2", "-I", "shortlease")
     app = limits.app()
     started = time.monotonic()
     limited = [app.send_task("limits.limited", (i,)) for i in range(20)]
@@ -158,6 +161,10 @@ def test_rate_limit_holds_one_type_and_not_the_others(limits, start_worker):
     assert sorted(r.get(timeout=30) for r in limited) == list(range(20))
     assert time.monotonic() - started >= 9.0
     assert len(limits.ledger("limited")) == 20  # none lost, none run twice
+    # Held for up to 10 s on a 2 s lease: had a lease run out, a second copy would be
+    # waiting for its token now.
+    reserved = app.control.inspect(timeout=2, limit=1).reserved()
+    assert next(iter(reserved.values())) == []
 
 
 @on_every_broker
@@ -173,6 +180,11 @@ def test_rate_limit_command_and_disabling(limits, start_worker):
     assert "Bad rate limit" in next(iter(bad.values()))["error"]
     [unknown] = app.control.rate_limit("limits.missing", "1/s", reply=True, timeout=2, limit=1)
     assert next(iter(unknown.values())) == {"error": "unknown task 'limits.missing'"}
+    [disabled] = app.control.rate_limit("limits.free", None, reply=True, timeout=2, limit=1)
+    assert next(iter(disabled.values())) == {"ok": "rate limit disabled successfully"}
+    started = time.monotonic()
+    assert [app.send_task("limits.free", (i,)).get(timeout=20) for i in range(4)] == [0, 1, 2, 3]
+    assert time.monotonic() - started < 2.5  # 1/s would take at least 3 s
 
 
 @on_every_broker
@@ -213,13 +225,20 @@ def test_max_memory_per_child_recycles(limits, start_worker):
 
 @on_every_broker
 def test_pool_grow_and_shrink_show_in_stats(limits, start_worker):
-    start_worker("-c", "2", "-I", "limits")
+    start_worker("-c", "2", "-I", "limits", "--prefetch-multiplier", "1")
     app = limits.app()
     [grown] = app.control.pool_grow(2, reply=True, timeout=2, limit=1)
     assert next(iter(grown.values())) == {"ok": "pool will grow to 4"}
     wait_for(lambda: len(stats_of(app)["pool"]["processes"]) == 4, 10, "four processes")
     assert stats_of(app)["pool"]["max-concurrency"] == 4
-    assert stats_of(app)["prefetch_count"] == 16
+    assert stats_of(app)["prefetch_count"] == 4
+    # acks_late tasks keep their messages unacknowledged while they run: four at once need
+    # the broker's own prefetch (RabbitMQ's QoS) to have grown with the pool.
+    burst = [app.send_task("proj.mark_late", (i, 1.5)) for i in range(4)]
+    inspector = app.control.inspect(timeout=2, limit=1)
+    wait_for(lambda: len(next(iter((inspector.active() or {"": []}).values()))) == 4, 5,
+             "four tasks running at once")
+    assert [r.get(timeout=20) for r in burst] == [0, 1, 2, 3]
     app.control.pool_shrink(3, reply=True, timeout=2, limit=1)
     wait_for(lambda: len(stats_of(app)["pool"]["processes"]) == 1, 10, "one process")
     assert stats_of(app)["pool"]["max-concurrency"] == 1
