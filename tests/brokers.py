@@ -41,6 +41,12 @@ class BrokerProject(Project):
         return self.keep(app)
 
 
+BROKERS = ("sqlite", "redis", "amqp")
+
+#: Runs a test that uses the conftest ``project`` fixture once on each broker.
+on_every_broker = pytest.mark.parametrize("project", BROKERS, indirect=True)
+
+
 def project_on(request: pytest.FixtureRequest, base: Project, prefix: str) -> Iterator[Project]:
     """For a fixture parametrized over "sqlite", "redis" and "amqp": ``base`` itself, or the
     same directory on Redis / RabbitMQ under ``prefix``; closes its apps and removes the

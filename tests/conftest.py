@@ -142,10 +142,14 @@ def make_project(path: Path) -> Project:
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> Iterator[Project]:
-    project = make_project(tmp_path)
-    yield project
-    project.close()
+def project(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Project]:
+    """The shared project on SQLite; a test marked ``@on_every_broker`` (tests/brokers.py)
+    gets it once on each broker: SQLite, Redis, RabbitMQ (``rpc://`` results)."""
+    import uuid
+
+    from .brokers import project_on
+
+    yield from project_on(request, make_project(tmp_path), f"t-{uuid.uuid4().hex[:10]}.")
 
 
 class WorkerProcess:

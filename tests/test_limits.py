@@ -7,20 +7,14 @@ from __future__ import annotations
 import os
 import signal
 import time
-import uuid
 
 import pytest
 
 from celeriac import states
 from celeriac.exceptions import SoftTimeLimitExceeded, TaskRevokedError, TimeLimitExceeded
 
-from .brokers import project_on
-from .conftest import make_project, wait_for
-
-#: A test marked with this runs once on each broker, with real worker processes; the
-#: others run on SQLite only.
-on_every_broker = pytest.mark.parametrize("project", ["sqlite", "redis", "amqp"],
-                                          indirect=True)
+from .brokers import on_every_broker
+from .conftest import wait_for
 
 LIMITS = '''
 import os, time
@@ -62,13 +56,6 @@ def hog(kib):
     BALLAST = bytearray(kib * 1024)
     return os.getpid()
 '''
-
-
-@pytest.fixture
-def project(request, tmp_path):
-    """Overrides the conftest ``project`` (``start_worker`` uses it): SQLite, or Redis /
-    RabbitMQ under a prefix of this test's own for tests marked ``on_every_broker``."""
-    yield from project_on(request, make_project(tmp_path), f"lim-{uuid.uuid4().hex[:10]}.")
 
 
 @pytest.fixture
