@@ -1,4 +1,5 @@
-"""``celeriac control``, ``inspect`` and ``status`` against real workers (SQLite broker)."""
+"""``celeriac control``, ``inspect`` and ``status`` against real workers: on SQLite, and one
+test per command group (``@on_every_broker``) on Redis and RabbitMQ too."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from celeriac.nodenames import expand_nodename
 
+from .brokers import on_every_broker
 from .conftest import run_cli, wait_for
 
 EX_UNAVAILABLE = 69
@@ -24,6 +26,7 @@ def two_workers(project, start_worker):
     return workers, [expand_nodename("a-0@%h"), expand_nodename("b-1@%h")]
 
 
+@on_every_broker
 def test_status_lists_every_node(project, two_workers):
     _, (a, b) = two_workers
     out = run_cli(project, "status")
@@ -52,6 +55,7 @@ def test_inspect_registered_and_stats(project, two_workers):
     assert out.stderr == ""
 
 
+@on_every_broker
 def test_inspect_active_shows_the_running_task(project, two_workers):
     _, (a, b) = two_workers
     result = project.app().send_task("proj.sleeper", (30,))
@@ -144,6 +148,7 @@ def test_no_reply_exits_69_within_the_timeout(project):
     assert "No nodes replied within time constraint" in out.stderr
 
 
+@on_every_broker
 def test_shutdown_stops_only_the_destination(project, two_workers):
     (worker_a, worker_b), (a, b) = two_workers
     out = run_cli(project, "control", "shutdown", "-d", a)

@@ -2,7 +2,8 @@
 
 Logic runs on an in-process worker (memory broker) and on the pool directly; what users see
 (wall time of 200 concurrent coroutines, control answers under load, limits, terminate, the
-eventlet message) runs on real workers through the CLI.
+eventlet message) runs on real workers through the CLI, those with a broker on SQLite, Redis
+and RabbitMQ.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from celeriac.protocol import dumps
 from celeriac.worker.execute import LOST, Job, Outcome
 from celeriac.worker.worker import Worker
 
+from .brokers import on_every_broker
 from .conftest import run_cli, wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -437,6 +439,7 @@ def aio_project(project):
     return project
 
 
+@on_every_broker
 def test_real_worker_two_hundred_coroutines_in_well_under_two_seconds(aio_project,
                                                                       start_worker):
     start_worker("-P", "asyncio", "-c", "200")
@@ -450,6 +453,7 @@ def test_real_worker_two_hundred_coroutines_in_well_under_two_seconds(aio_projec
     assert elapsed < 2.0, f"200 x 0.1s took {elapsed:.2f}s"
 
 
+@on_every_broker
 def test_real_worker_answers_control_while_two_hundred_coroutines_run(aio_project,
                                                                       start_worker):
     start_worker("-P", "asyncio", "-c", "200")
@@ -464,6 +468,7 @@ def test_real_worker_answers_control_while_two_hundred_coroutines_run(aio_projec
     assert group.get(timeout=20) == list(range(200))
 
 
+@on_every_broker
 def test_real_worker_sync_bound_and_limits(aio_project, start_worker):
     start_worker("-P", "asyncio", "-c", "2")
     app = aio_project.app()
@@ -481,6 +486,7 @@ def test_real_worker_sync_bound_and_limits(aio_project, start_worker):
     assert app.send_task("proj.nap", (0.01, "again")).get(timeout=20) == "again"
 
 
+@on_every_broker
 def test_real_worker_terminate_leaves_the_others_running(aio_project, start_worker):
     start_worker("-P", "asyncio", "-c", "4")
     app = aio_project.app()

@@ -1,4 +1,5 @@
-"""The worker as users run it: real processes started through the CLI, on the SQLite broker."""
+"""The worker as users run it: real processes started through the CLI, on the SQLite broker;
+the tests marked ``@on_every_broker`` on Redis and RabbitMQ too."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,9 +15,11 @@ from celeriac import states
 from celeriac.exceptions import ResultTimeout
 from celeriac.protocol import Message
 
+from .brokers import on_every_broker
 from .conftest import run_cli, wait_for
 
 
+@on_every_broker
 def test_round_trip_success_and_failure(project, start_worker):
     start_worker("-c", "2")
     app = project.app()
@@ -28,6 +32,7 @@ def test_round_trip_success_and_failure(project, start_worker):
     assert app.send_task("proj.async_add", (1, 2)).get(timeout=20) == 3
 
 
+@on_every_broker
 @pytest.mark.parametrize("pool", ["threads", "solo"])
 def test_other_pools_run_tasks(project, start_worker, pool):
     start_worker("-P", pool, "-c", "3")
@@ -37,27 +42,48 @@ def test_other_pools_run_tasks(project, start_worker, pool):
     assert app.send_task("proj.whoami").get(timeout=20) != os.getpid()
 
 
+def broker_holds_etas(project) -> Any:
+    """A client app of ``project`` that leaves every countdown to the broker's delayed path
+    (``broker_eta_horizon = 0``); ``-I horizon`` makes a worker's retries go the same way."""
+    (project.path / "horizon.py").write_text(
+        "from proj import app\napp.conf.broker_eta_horizon = 0\n")
+    app = project.app()
+    app.conf.broker_eta_horizon = 0
+    return app
+
+
+@on_every_broker
 def test_countdown_is_not_run_early(project, start_worker):
     start_worker("-c", "2")
-    app = project.app()
+    app, via_broker = project.app(), broker_holds_etas(project)
     sent = time.time()
-    result = app.send_task("proj.mark", ("later",), countdown=2)
-    with pytest.raises(ResultTimeout):
-        result.get(timeout=1.5)
+    delayed = via_broker.send_task("proj.mark", ("delayed",), countdown=2)  # the broker holds it
+    result = app.send_task("proj.mark", ("later",), countdown=2)  # the worker does
+    with pytest.raises(ResultTimeout):  # (the first delayed message may take a while to send)
+        result.get(timeout=max(0.1, sent + 1.5 - time.time()))
+    assert delayed.state == states.PENDING
     assert project.ledger("mark") == []
     assert result.get(timeout=20) == "later"
+    assert delayed.get(timeout=20) == "delayed"
     assert time.time() - sent >= 2.0
 
 
+@on_every_broker
 def test_expired_task_is_not_run(project, start_worker):
     app = project.app()
     expired = app.send_task("proj.mark", ("expired",), expires=0.5)
     fresh = app.send_task("proj.mark", ("fresh",), expires=600)
+    # expires while the broker's delayed path holds it
+    delayed = broker_holds_etas(project).send_task("proj.mark", ("delayed",), countdown=1,
+                                                   expires=0.5)
     time.sleep(0.6)  # let the first expire before any worker sees it
     start_worker("-c", "1")
     assert fresh.get(timeout=20) == "fresh"
+    # settled as REVOKED, not dropped without a result (as a broker's own TTL would)
     wait_for(lambda: expired.state == states.REVOKED, 20, "the expired task to be REVOKED")
+    wait_for(lambda: delayed.state == states.REVOKED, 20, "the delayed one to be REVOKED")
     assert [row[1] for row in project.ledger("mark")] == ["'fresh'"]
+    assert app.transport.queue_size("celery") == 0
 
 
 def test_unserializable_result_is_a_clear_failure(project, start_worker):
@@ -68,9 +94,11 @@ def test_unserializable_result_is_a_clear_failure(project, start_worker):
     assert result.state == states.FAILURE
 
 
+@on_every_broker
 def test_bound_task_retries_until_it_succeeds(project, start_worker):
-    start_worker("-c", "1")
-    result = project.app().send_task("proj.flaky", ("k",))
+    app = broker_holds_etas(project)
+    start_worker("-c", "1", "-I", "horizon")  # each retry goes through the broker's delay
+    result = app.send_task("proj.flaky", ("k",))
     assert result.get(timeout=20) == 2
     assert len(project.ledger("flaky")) == 3
 
@@ -116,6 +144,7 @@ def test_warm_shutdown_returns_prefetched_messages_at_once(project, start_worker
     assert sorted(r.get(timeout=20) for r in waiting) == ["w0", "w1", "w2"]
 
 
+@on_every_broker
 def test_cold_shutdown_requeues_acks_late_task(project, start_worker):
     worker = start_worker("-c", "1")
     app = project.app()
@@ -182,6 +211,7 @@ def test_two_workers_on_one_file_never_run_a_message_twice(project, start_worker
     assert len({row[2] for row in rows}) >= 2  # both workers took part
 
 
+@on_every_broker
 def test_purge_option_empties_queue_before_start(project, start_worker):
     app = project.app()
     for i in range(5):
@@ -191,6 +221,7 @@ def test_purge_option_empties_queue_before_start(project, start_worker):
     assert app.transport.queue_size("celery") == 0
 
 
+@on_every_broker
 def test_queues_option_consumes_only_named_queues(project, start_worker):
     app = project.app()
     other = app.send_task("proj.mark", ("other",), queue="other")
