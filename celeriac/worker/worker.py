@@ -146,6 +146,7 @@ class Worker:
         self.pool: Pool | None = None
         self.consumer: Consumer | None = None
         self._stop: asyncio.Future[bool] | None = None
+        self._cold = False  # a cold shutdown was asked for (first, or during a warm one)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.ready = threading.Event()
         self._handler: logging.Handler | None = None
@@ -259,15 +260,18 @@ class Worker:
                 self._handler.close()
 
     def request_stop(self, cold: bool = False) -> None:
-        """Begin a warm (or cold) shutdown; a cold request during a warm one escalates."""
+        """Begin a warm (or cold) shutdown; a cold request during a warm one escalates, also
+        while the worker is still starting (before it has a consumer to abort)."""
         if self._stop is None:
             return
         if not self._stop.done():
             log.warning("%s shutdown requested", "Cold" if cold else "Warm")
             self._stop.set_result(cold)
-        elif cold and self.consumer is not None:
+        elif cold and not self._cold:
             log.warning("Cold shutdown: abandoning running tasks")
-            self.consumer.abort()
+            if self.consumer is not None:
+                self.consumer.abort()
+        self._cold = self._cold or cold
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         interrupts = {"n": 0}
@@ -330,17 +334,17 @@ class Worker:
         log.info("%s ready.", self.hostname)
         self.ready.set()
         assert self._stop is not None
-        cold = await self._stop
+        await self._stop
         for background in (heartbeat, autoscaling):
             if background is not None:
                 background.cancel()
         await asyncio.to_thread(self.node.stop)  # it may be waiting for this loop
-        await self.consumer.stop(cold=cold)
+        await self.consumer.stop(cold=self._cold)
         if not self.options.without_heartbeat:
             self.events.send("worker-offline")
         await self.consumer.close()
         await loop.run_in_executor(io, self._close_statedb)
-        log.info("%s stopped (%s shutdown).", self.hostname, "cold" if cold else "warm")
+        log.info("%s stopped (%s shutdown).", self.hostname, "cold" if self._cold else "warm")
 
     async def _check_broker(self, loop: asyncio.AbstractEventLoop,
                             io: ThreadPoolExecutor) -> None:
