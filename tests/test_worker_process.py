@@ -159,6 +159,44 @@ def test_cold_shutdown_requeues_acks_late_task(project, start_worker):
     assert late.state == states.PENDING
 
 
+@on_every_broker
+def test_second_sigint_turns_a_warm_shutdown_cold(project, start_worker):
+    worker = start_worker("-c", "1")
+    app = project.app()
+    late = app.send_task("proj.mark_late", ("late", 30))
+    wait_for(lambda: "mark_late" in worker.log(), 20, "the task to start")
+    time.sleep(0.3)
+    worker.signal(signal.SIGINT)
+    wait_for(lambda: "Waiting for 1 running task(s) to finish" in worker.log(), 5,
+             "the warm shutdown to wait for the running task")
+    time.sleep(0.3)
+    assert worker.proc.poll() is None  # warm: still waiting for the task
+    started = time.monotonic()
+    worker.signal(signal.SIGINT)
+    assert worker.wait(10) == 0
+    assert time.monotonic() - started < 8
+    assert "stopped (cold shutdown)" in worker.log()
+    assert app.transport.queue_size("celery") == 1  # the acks_late task went back
+    assert late.state == states.PENDING and project.ledger("mark_late") == []
+
+
+def test_second_sigint_while_starting_is_not_forgotten(project, start_worker):
+    app = project.app()
+    late = app.send_task("proj.mark_late", ("late", 30))
+    worker = start_worker("-c", "1", ready=False, mingle=True)  # mingle waits 1 s for replies
+    wait_for(lambda: "Queued messages" in worker.log(), 20, "the worker to reach mingle")
+    worker.signal(signal.SIGINT)
+    wait_for(lambda: "Warm shutdown requested" in worker.log(), 5, "the first SIGINT")
+    worker.signal(signal.SIGINT)
+    wait_for(lambda: "Cold shutdown" in worker.log(), 5, "the second SIGINT")
+    log = worker.log()
+    assert " ready." not in log  # both came while the worker was starting
+    assert worker.wait(10) == 0  # not after the 30 s task
+    assert "stopped (cold shutdown)" in worker.log()
+    assert app.transport.queue_size("celery") == 1
+    assert late.state == states.PENDING and project.ledger("mark_late") == []
+
+
 def test_sigkilled_worker_messages_go_to_another_after_the_lease(project, start_worker):
     (project.path / "lease.py").write_text(
         "from proj import *\napp.conf.broker_lease_seconds = 2\n")
