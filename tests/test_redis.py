@@ -55,10 +55,12 @@ def _drop(server: str, prefix: str) -> None:
 
 @pytest.fixture
 def prefix(redis_server: str) -> Iterator[str]:
-    """A key prefix of this test's own; its keys are deleted afterwards."""
+    """A key prefix of this test's own; its keys are deleted afterwards, in databases 0 and
+    1 (the result stores' tests use 1)."""
     name = f"celeriac-test-{uuid.uuid4().hex[:12]}:"
     yield name
-    _drop(redis_server, name)
+    for db in (0, 1):
+        _drop(f"{redis_server.rstrip('/')}/{db}", name)
 
 
 @pytest.fixture
