@@ -144,13 +144,19 @@ def test_warm_shutdown_returns_prefetched_messages_at_once(project, start_worker
     assert sorted(r.get(timeout=20) for r in waiting) == ["w0", "w1", "w2"]
 
 
-@on_every_broker
-def test_cold_shutdown_requeues_acks_late_task(project, start_worker):
+def _running_a_late_task(project, start_worker):
+    """A one-process worker running a 30-second ``acks_late`` task: (worker, app, result)."""
     worker = start_worker("-c", "1")
     app = project.app()
     late = app.send_task("proj.mark_late", ("late", 30))
     wait_for(lambda: "mark_late" in worker.log(), 20, "the task to start")
     time.sleep(0.3)
+    return worker, app, late
+
+
+@on_every_broker
+def test_cold_shutdown_requeues_acks_late_task(project, start_worker):
+    worker, app, late = _running_a_late_task(project, start_worker)
     started = time.monotonic()
     worker.signal(signal.SIGQUIT)
     worker.wait(10)
@@ -161,11 +167,7 @@ def test_cold_shutdown_requeues_acks_late_task(project, start_worker):
 
 @on_every_broker
 def test_second_sigint_turns_a_warm_shutdown_cold(project, start_worker):
-    worker = start_worker("-c", "1")
-    app = project.app()
-    late = app.send_task("proj.mark_late", ("late", 30))
-    wait_for(lambda: "mark_late" in worker.log(), 20, "the task to start")
-    time.sleep(0.3)
+    worker, app, late = _running_a_late_task(project, start_worker)
     worker.signal(signal.SIGINT)
     wait_for(lambda: "Waiting for 1 running task(s) to finish" in worker.log(), 5,
              "the warm shutdown to wait for the running task")
